@@ -1,0 +1,3 @@
+from bonsai.cli import main
+
+main()

@@ -1,0 +1,172 @@
+"""The `bonsai` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+from bonsai.runtime import configure_threads
+
+configure_threads()  # before torch is imported anywhere
+
+import typer  # noqa: E402
+
+from bonsai.errors import BonsaiError  # noqa: E402
+
+app = typer.Typer(
+    help="Structured pruning of LLMs with forward passes only (Bonsai). Run `bonsai COMMAND --help`.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+MODEL_HELP = "Model folder, Hugging Face id, or alias (see `bonsai models`; `tiny` is the shipped model)."
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@app.command("models")
+def models_cmd() -> None:
+    """List the model aliases and the supported architecture families."""
+    from rich.table import Table
+
+    from bonsai.adapters import supported_model_types
+    from bonsai.models.aliases import MODEL_ALIASES
+    from bonsai.progress import console
+
+    table = Table(title="model aliases")
+    table.add_column("alias")
+    table.add_column("resolves to")
+    for alias, target in MODEL_ALIASES.items():
+        table.add_row(alias, target)
+    console.print(table)
+    console.print(f"supported families (config.model_type): {', '.join(supported_model_types())}")
+
+
+@app.command("eval")
+def eval_cmd(
+    target: str = typer.Argument(..., help="wikitext2, c4, kjv (the shipped corpus; alias tiny) or a local .txt/.jsonl file."),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    seqlen: Optional[int] = typer.Option(None, help="Window length; default 2048 capped at the model's max positions."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Windows per forward pass."),
+    split: str = typer.Option("test", help="Split of a hub dataset: test, validation or train."),
+    max_windows: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N windows."),
+    dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16 (auto: float32 on CPU, checkpoint dtype on GPU)."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda|cuda:N"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint (off by default)."),
+) -> None:
+    """Perplexity over non-overlapping windows (Wanda/SparseGPT protocol, remainder dropped)."""
+    _quiet_transformers()
+    from bonsai.eval.runner import run_perplexity
+
+    result = run_perplexity(target, model, seqlen=seqlen, batch_size=batch_size, split=split,
+                            max_windows=max_windows, dtype=dtype, device=device,
+                            trust_remote_code=trust_remote_code)
+    _print_ppl(result)
+    if json_path is not None:
+        from bonsai.io import write_json_atomic
+
+        write_json_atomic(json_path, result)
+
+
+@app.command("prune")
+def prune_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    sparsity: Optional[float] = typer.Option(None, help="Fraction of transformer-block parameters to remove, in (0,1)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (pruned model, report.json, report.png, state)."),
+    config: Optional[str] = typer.Option(None, help="YAML preset: a path or a name under configs/ (e.g. llama-2-7b)."),
+    method: Optional[str] = typer.Option(None, help="bonsai | prior-only | no-regression | random (paper Fig. 2)."),
+    prior: Optional[str] = typer.Option(None, help="wanda | activation | magnitude | uniform (paper Fig. 3)."),
+    p_iter: Optional[float] = typer.Option(None, "--p-iter", help="Fraction pruned per iteration (default 0.05)."),
+    samples: Optional[int] = typer.Option(None, help="Sub-models evaluated per iteration (default 200)."),
+    calib: Optional[str] = typer.Option(None, help="Calibration data: wikitext2, c4, kjv or a local file."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration windows (default 32)."),
+    seqlen: Optional[int] = typer.Option(None, help="Calibration window length (default 2048 capped at max positions)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Rows per forward pass (rows may mix sub-models)."),
+    regression: Optional[str] = typer.Option(None, help="lasso (L1, default) | ridge (L2)."),
+    units: Optional[str] = typer.Option(None, help="Unit kinds to prune: attention,mlp (default), attention or mlp."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (same seed, same model)."),
+    dtype: Optional[str] = typer.Option(None, help="auto|float32|bfloat16|float16."),
+    device: Optional[str] = typer.Option(None, help="auto|cpu|cuda|cuda:N."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save state every N sub-models (default 10)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+) -> None:
+    """Prune a model with Bonsai to the target sparsity; rerun the same command to resume."""
+    _quiet_transformers()
+    from bonsai.prune.config import build_config
+    from bonsai.prune.runner import PruneRun
+
+    overrides = dict(model=model, sparsity=sparsity, method=method, prior=prior, p_iter=p_iter, samples=samples,
+                     calib=calib, calib_samples=calib_samples, seqlen=seqlen, batch_size=batch_size,
+                     regression=regression, units=units, seed=seed, dtype=dtype, device=device,
+                     checkpoint_every=checkpoint_every)
+    cfg = build_config(config, overrides)
+    if model is None and config is None:
+        raise BonsaiError("--model is required (or a --config that names one)")
+    report = PruneRun(cfg, out, force=force).run()
+    _print_prune(report, out)
+
+
+def _print_prune(report: dict, out: Path) -> None:
+    from rich.table import Table
+
+    from bonsai.progress import console
+
+    t = report["totals"]
+    table = Table(title=f"pruned {report['model']} -> {out}")
+    for col in ("iteration", "sparsity", "sub-models", "CV tau", "penalty", "calib ppl", "seconds"):
+        table.add_column(col, justify="right")
+    for h in report["iterations"]:
+        tau = "-" if h["cv_tau"] is None else f"{h['cv_tau']:.3f}"
+        pen = "-" if h["penalty"] is None else f"{h['penalty']:.2e}"
+        table.add_row(str(h["iteration"]), f"{h['sparsity']:.3f}", str(h["sub_models"]), tau, pen,
+                      f"{h['calib_ppl']:.2f}", f"{h['seconds']:.1f}")
+    console.print(table)
+    console.print(f"block sparsity {t['sparsity']:.4f} (target {t['target_sparsity']}), "
+                  f"all parameters {t['params_before']:,} -> {t['params_after']:,}, "
+                  f"{t['wall_seconds']:.0f}s, peak memory {t['peak_memory_bytes'] / 2**20:.0f} MiB")
+
+
+def _print_ppl(result: dict) -> None:
+    from rich.table import Table
+
+    from bonsai.progress import console
+
+    table = Table(title=f"perplexity of {result['model']}")
+    for col in ("dataset", "split", "seqlen", "windows", "tokens", "dtype", "params", "ppl"):
+        table.add_column(col, justify="right")
+    table.add_row(result["dataset"], result["split"], str(result["seqlen"]), str(result["windows"]),
+                  str(result["tokens"]), result["dtype"], f"{result['params'] / 1e6:.2f}M", f"{result['ppl']:.3f}")
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except BonsaiError as exc:
+        print(f"bonsai: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("bonsai: interrupted (long runs resume when the same command is run again)", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, EOFError):
+        sys.exit(1)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

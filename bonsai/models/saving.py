@@ -1,0 +1,113 @@
+"""Saving pruned models as ordinary Hugging Face checkpoints (safetensors, atomic)."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+from torch import nn
+
+from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
+from bonsai.adapters.base import ArchAdapter
+from bonsai.errors import BonsaiError
+from bonsai.models import plan as plan_module
+from bonsai.models.plan import EMPTY_ATTENTION_ATTR, PLAN_KEY, PLAN_VERSION
+
+MODELING_FILE = "modeling_bonsai.py"
+
+
+def record_plan(adapter: ArchAdapter) -> dict:
+    """Describe the current (possibly pruned) block shapes so a fresh model can be rebuilt to match."""
+    layers, shapes, attributes, empty = [], {}, {}, {}
+    prefix = {id(m): n for n, m in adapter.model.named_modules()}
+    for i in range(adapter.num_layers):
+        att, mlp = adapter.attention(i), adapter.mlp(i)
+        layers.append({"attention_units": att.units, "mlp_units": mlp.units})
+        for lin in [att.q, att.k, att.v, att.out, *mlp.inputs, mlp.out]:
+            shapes[prefix[id(lin)]] = [lin.in_features, lin.out_features]
+        attributes[prefix[id(att.module)]] = adapter.attention_attributes(att)
+        if hasattr(att.module, EMPTY_ATTENTION_ATTR):
+            empty[prefix[id(att.module)]] = getattr(att.module, EMPTY_ATTENTION_ATTR)
+    return {
+        "version": PLAN_VERSION,
+        "layers": layers,
+        "linear_shapes": shapes,
+        "attributes": attributes,
+        "empty_attention": empty,
+    }
+
+
+def kept_units(adapter: ArchAdapter) -> dict[str, list[int]]:
+    """Units kept per layer, for reports."""
+    return {
+        ATTENTION: [adapter.group_size(GroupKey(i, ATTENTION)) for i in range(adapter.num_layers)],
+        MLP: [adapter.group_size(GroupKey(i, MLP)) for i in range(adapter.num_layers)],
+    }
+
+
+def modeling_source(causal_lm_class: str) -> str:
+    """The self-contained modeling file placed in every pruned checkpoint (for trust_remote_code users)."""
+    source = Path(plan_module.__file__).read_text()
+    return (
+        source
+        + f"\n\nfrom transformers import {causal_lm_class} as _BonsaiBase  # noqa: E402\n\n\n"
+        "class BonsaiForCausalLM(_BonsaiBase):\n"
+        '    """The parent architecture with the pruned shapes of `config.bonsai_plan`."""\n\n'
+        "    def __init__(self, config, *args, **kwargs):\n"
+        "        super().__init__(config, *args, **kwargs)\n"
+        f"        apply_plan(self, config.{PLAN_KEY})\n"
+    )
+
+
+def prepare_output_dir(out_dir: str | Path, force: bool) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise BonsaiError(f"output folder {out} already exists; pass --force to replace it")
+    return out
+
+
+def atomic_replace(tmp: Path, out: Path) -> None:
+    """Move a finished temporary folder into place; an old folder is removed only afterwards."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, overwrite: bool = True,
+                extra_files: dict[str, Path] | None = None) -> Path:
+    """Write safetensors weights, a config with the pruning plan, tokenizer files and the modeling file.
+
+    Everything goes to a temporary sibling folder first, renamed into place when complete, so an
+    interrupted save never leaves a half-written model at `out_dir`.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise BonsaiError(f"output folder {out} already exists")
+    adapter = get_adapter(model)
+    config = model.config
+    setattr(config, PLAN_KEY, record_plan(adapter))
+    config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.BonsaiForCausalLM"}
+    config.architectures = [adapter.causal_lm_class]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MODELING_FILE).write_text(modeling_source(adapter.causal_lm_class))
+        for name, src in (extra_files or {}).items():
+            src = Path(src)
+            if src.is_dir():
+                shutil.copytree(src, tmp / name)
+            elif src.exists():
+                shutil.copy2(src, tmp / name)
+        atomic_replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,103 @@
+"""Forward passes over calibration windows: the unmasked model (prior + base loss) and sub-models (U).
+
+Sub-models are virtual (masks on a live model). Rows of a batch may belong to different sub-models,
+so small calibration sets still fill a batch. The loss is accumulated in float32/64.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from bonsai.adapters.base import ArchAdapter, GroupKey
+from bonsai.eval.perplexity import batch_nll, model_device
+from bonsai.masking import UnitMasks
+from bonsai.prune.priors import ActivationStats, NEEDS_ACTIVATIONS, unit_prior
+
+
+@torch.no_grad()
+def prior_pass(model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], windows: torch.Tensor,
+               prior: str, batch_size: int) -> tuple[dict[GroupKey, np.ndarray], float]:
+    """Per-unit prior of every group, and the mean calibration loss of the current model."""
+    device = model_device(model)
+    nll, count = 0.0, 0
+    with ActivationStats(adapter, groups if prior in NEEDS_ACTIVATIONS else []) as stats:
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start:start + batch_size].to(device)
+            nll += batch_nll(model, batch).double().sum().item()
+            count += batch.shape[0] * (batch.shape[1] - 1)
+        tokens = stats.tokens_per_row * len(windows)
+        priors = {}
+        for key in groups:
+            sq = stats.rows(key, "sq").sum(0) if prior in NEEDS_ACTIVATIONS else None
+            ab = stats.rows(key, "abs").sum(0) if prior in NEEDS_ACTIVATIONS else None
+            priors[key] = unit_prior(prior, adapter, key, sq, ab, tokens).double().numpy()
+    return priors, nll / count
+
+
+class SubModelEvaluator:
+    """Evaluates U = -(mean LM loss) of sub-models given as per-group unit masks."""
+
+    def __init__(self, model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], windows: torch.Tensor,
+                 full_masks: dict[GroupKey, torch.Tensor], batch_size: int, prior: str | None = None):
+        self.model, self.adapter, self.groups = model, adapter, groups
+        self.windows = windows
+        self.full_masks = full_masks  # group -> (n_samples, units) uint8
+        self.batch_size = batch_size
+        self.prior = prior  # when set, also collect per-sample priors (no-regression ablation)
+        self.device = model_device(model)
+
+    @torch.no_grad()
+    def evaluate(self, samples: list[int], on_row: Callable[[], None] | None = None
+                 ) -> tuple[np.ndarray, dict[GroupKey, np.ndarray] | None]:
+        """Utilities of `samples` and, if a prior is set, each sample's per-unit prior."""
+        n_win, seq = self.windows.shape
+        pairs = [(s, w) for s in samples for w in range(n_win)]
+        nll = np.zeros(len(samples))
+        slot = {s: i for i, s in enumerate(samples)}
+        collect = self.prior is not None and self.prior in ("wanda", "activation")
+        sample_sq = {k: None for k in self.groups} if collect else None
+        sample_abs = {k: None for k in self.groups} if collect else None
+        masks = UnitMasks(self.adapter, self.groups)
+        # registered after the masks, so the statistics see the sub-model's (masked) activations
+        stats = ActivationStats(self.adapter, self.groups) if collect else None
+        try:
+            for start in range(0, len(pairs), self.batch_size):
+                chunk = pairs[start:start + self.batch_size]
+                rows = torch.tensor([s for s, _ in chunk])
+                batch = self.windows[[w for _, w in chunk]].to(self.device)
+                masks.set({k: self.full_masks[k].index_select(0, rows) for k in self.groups})
+                row_nll = batch_nll(self.model, batch).double().cpu().numpy()
+                for (s, _), v in zip(chunk, row_nll):
+                    nll[slot[s]] += v
+                if collect:
+                    idx = torch.tensor([slot[s] for s, _ in chunk])
+                    for k in self.groups:
+                        sq, ab = stats.sq[k].pop(), stats.abs[k].pop()
+                        if sample_sq[k] is None:
+                            sample_sq[k] = torch.zeros(len(samples), sq.shape[-1], dtype=torch.float64)
+                            sample_abs[k] = torch.zeros(len(samples), sq.shape[-1], dtype=torch.float64)
+                        sample_sq[k].index_add_(0, idx, sq.double())
+                        sample_abs[k].index_add_(0, idx, ab.double())
+                if on_row is not None:
+                    for _ in chunk:
+                        on_row()
+        finally:
+            masks.remove()
+            if stats is not None:
+                stats.remove()
+        utility = -nll / (n_win * (seq - 1))
+        per_sample_prior = None
+        if self.prior is not None:
+            per_sample_prior = {}
+            for k in self.groups:
+                vals = []
+                for i in range(len(samples)):
+                    sq = sample_sq[k][i].float() if collect else None
+                    ab = sample_abs[k][i].float() if collect else None
+                    vals.append(unit_prior(self.prior, self.adapter, k, sq, ab, n_win * seq).double().numpy())
+                per_sample_prior[k] = np.stack(vals)
+        return utility, per_sample_prior

@@ -1,0 +1,103 @@
+"""Module-level priors rho (paper Appendix F), registered by name.
+
+Activation statistics are captured by forward pre-hooks at each group's output projection input (the
+same point where masks act), per batch row, so they can also be aggregated per sub-model.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+
+from bonsai.adapters.base import ArchAdapter, GroupKey
+
+PRIORS: dict[str, Callable] = {}
+NEEDS_ACTIVATIONS = {"wanda", "activation"}
+
+
+def register_prior(name: str):
+    def deco(fn):
+        PRIORS[name] = fn
+        return fn
+    return deco
+
+
+class ActivationStats:
+    """Per-row sums of x^2 and |x| over tokens at each group's output-projection input."""
+
+    def __init__(self, adapter: ArchAdapter, groups: list[GroupKey]):
+        self.adapter = adapter
+        self.groups = groups
+        self.sq: dict[GroupKey, list[torch.Tensor]] = {k: [] for k in groups}
+        self.abs: dict[GroupKey, list[torch.Tensor]] = {k: [] for k in groups}
+        self.tokens_per_row = 0
+        self._handles = [adapter.output_projection(k).register_forward_pre_hook(partial(self._hook, k))
+                         for k in groups]
+
+    def _hook(self, key: GroupKey, module, args):
+        x = args[0].float()
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        self.tokens_per_row = x.shape[1]
+        self.sq[key].append(x.pow(2).sum(1).cpu())
+        self.abs[key].append(x.abs().sum(1).cpu())
+        return None
+
+    def rows(self, key: GroupKey, which: str) -> torch.Tensor:
+        """(rows seen, columns) sums for the group."""
+        store = self.sq if which == "sq" else self.abs
+        return torch.cat(store[key]) if store[key] else torch.zeros(0)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def _per_unit(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Average consecutive column values into unit values (a unit owns `width` columns)."""
+    return values.view(*values.shape[:-1], -1, width).mean(-1)
+
+
+@register_prior("wanda")
+def wanda_prior(adapter: ArchAdapter, key: GroupKey, sq: torch.Tensor, absum: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Mean over output rows of |W_out[:, c]| times the RMS of column c, averaged over the unit's columns."""
+    w = adapter.output_projection(key).weight.detach().float().abs().mean(0).cpu()
+    rms = (sq / max(tokens, 1)).sqrt()
+    return _per_unit(w * rms, adapter.unit_width(key))
+
+
+@register_prior("activation")
+def activation_prior(adapter: ArchAdapter, key: GroupKey, sq: torch.Tensor, absum: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Mean |activation| of the unit's columns over tokens."""
+    return _per_unit(absum / max(tokens, 1), adapter.unit_width(key))
+
+
+@register_prior("magnitude")
+def magnitude_prior(adapter: ArchAdapter, key: GroupKey, sq=None, absum=None, tokens: int = 0) -> torch.Tensor:
+    """Mean |w| over every weight the unit owns (input rows and output columns)."""
+    total, count = None, 0
+    for weight, dim, width in adapter.unit_weights(key):
+        w = weight.detach().float().abs()
+        w = w if dim == 0 else w.t()
+        per_unit = w.reshape(-1, width * w.shape[1]).sum(1).cpu()
+        total = per_unit if total is None else total + per_unit
+        count += width * w.shape[1]
+    return total / count
+
+
+@register_prior("uniform")
+def uniform_prior(adapter: ArchAdapter, key: GroupKey, sq=None, absum=None, tokens: int = 0) -> torch.Tensor:
+    return torch.ones(adapter.group_size(key))
+
+
+def unit_prior(name: str, adapter: ArchAdapter, key: GroupKey, sq: torch.Tensor | None,
+               absum: torch.Tensor | None, tokens: int) -> torch.Tensor:
+    return PRIORS[name](adapter, key, sq, absum, tokens)

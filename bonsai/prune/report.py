@@ -1,0 +1,34 @@
+"""report.png: units kept per layer (like the paper's Figure 4) and CV tau per iteration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_report(report: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = report["iterations"]
+    last = history[-1]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    layers = range(len(last["attention_units"]))
+    axes[0].bar(layers, last["attention_units"], color="tab:blue")
+    axes[0].set_title("attention units kept per layer")
+    axes[1].bar(layers, last["mlp_units"], color="tab:green")
+    axes[1].set_title("MLP channels kept per layer")
+    for ax in axes[:2]:
+        ax.set_xlabel("layer")
+    taus = [h["cv_tau"] if h["cv_tau"] is not None else float("nan") for h in history]
+    axes[2].plot([h["iteration"] for h in history], taus, marker="o")
+    axes[2].set_title("cross-validated Kendall tau")
+    axes[2].set_xlabel("iteration")
+    axes[2].set_ylim(-0.1, 1.0)
+    t = report["totals"]
+    fig.suptitle(f"{report['model']}: {report['settings']['method']}, sparsity {t['sparsity']:.3f} "
+                 f"(target {t['target_sparsity']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,114 @@
+"""Checkpointed state of a prune run inside its output folder (JSON + safetensors; no pickle).
+
+`state.json` holds the settings fingerprint, the units kept so far (indices into the *original*
+model's units, so a resumed run rebuilds the model by one exact slicing), the per-iteration history,
+and the iteration in progress. `iteration.safetensors` holds that iteration's priors, candidates,
+sampled masks and the utilities evaluated so far.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from bonsai.io import write_json_atomic
+
+STATE_DIR = ".bonsai"
+
+
+@dataclass
+class RunState:
+    fingerprint: dict
+    kept: dict[str, list[int]]
+    history: list[dict] = field(default_factory=list)
+    completed_iterations: int = 0
+    finished: bool = False
+    started: float = 0.0
+    elapsed_before: float = 0.0
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+@dataclass
+class IterationState:
+    iteration: int
+    prior: dict[str, np.ndarray]
+    candidates: dict[str, np.ndarray]
+    masks: np.ndarray
+    utility: np.ndarray
+    done: np.ndarray
+    base_loss: float
+    nr_sum: np.ndarray
+    nr_count: np.ndarray
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        t = {
+            "masks": torch.from_numpy(np.ascontiguousarray(self.masks)),
+            "utility": torch.from_numpy(self.utility.astype(np.float64)),
+            "done": torch.from_numpy(self.done.astype(np.uint8)),
+            "nr_sum": torch.from_numpy(self.nr_sum.astype(np.float64)),
+            "nr_count": torch.from_numpy(self.nr_count.astype(np.float64)),
+            "base_loss": torch.tensor([self.base_loss], dtype=torch.float64),
+            "iteration": torch.tensor([self.iteration], dtype=torch.int64),
+        }
+        for k, v in self.prior.items():
+            t[f"prior/{k}"] = torch.from_numpy(np.asarray(v, dtype=np.float64))
+        for k, v in self.candidates.items():
+            t[f"cand/{k}"] = torch.from_numpy(np.asarray(v, dtype=np.int64))
+        return t
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "IterationState":
+        return cls(
+            iteration=int(t["iteration"][0]),
+            prior={k[6:]: v.numpy() for k, v in t.items() if k.startswith("prior/")},
+            candidates={k[5:]: v.numpy() for k, v in t.items() if k.startswith("cand/")},
+            masks=t["masks"].numpy(), utility=t["utility"].numpy(), done=t["done"].numpy().astype(bool),
+            base_loss=float(t["base_loss"][0]), nr_sum=t["nr_sum"].numpy(), nr_count=t["nr_count"].numpy(),
+        )
+
+
+class StateStore:
+    def __init__(self, out_dir: Path):
+        self.dir = Path(out_dir) / STATE_DIR
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "state.json"
+
+    @property
+    def iteration_file(self) -> Path:
+        return self.dir / "iteration.safetensors"
+
+    def exists(self) -> bool:
+        return self.state_file.exists()
+
+    def load(self) -> RunState:
+        return RunState(**json.loads(self.state_file.read_text()))
+
+    def save(self, state: RunState) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.state_file, state.to_dict())
+
+    def save_iteration(self, it: IterationState) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.iteration_file.with_suffix(".tmp")
+        save_file(it.tensors(), str(tmp))
+        os.replace(tmp, self.iteration_file)
+
+    def load_iteration(self, iteration: int) -> IterationState | None:
+        if not self.iteration_file.exists():
+            return None
+        it = IterationState.from_tensors(load_file(str(self.iteration_file)))
+        return it if it.iteration == iteration else None
+
+    def clear_iteration(self) -> None:
+        if self.iteration_file.exists():
+            self.iteration_file.unlink()

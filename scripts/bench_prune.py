@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Benchmark one Bonsai iteration against plain inference, side by side in one run.
+
+Prints: time per sub-model evaluation vs a plain forward over the same tokens; peak memory of the
+prune steps vs a plain forward with the same batch (GPU: max allocated; CPU: peak RSS); the
+regression's share of an iteration's time; and the forward speedup of a model sliced to a sparsity.
+
+  python scripts/bench_prune.py --model tiny --seqlen 128 --windows 16 --batch-size 16
+  python scripts/bench_prune.py --shape llama-2-7b --device cuda --dtype bfloat16 --seqlen 2048 --windows 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from bonsai.runtime import configure_threads
+
+configure_threads()
+
+SHAPES = {  # random weights from a config: no download needed
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed(fn, device, repeats=3):
+    out, times = None, []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def build(args, device, dtype):
+    if args.shape:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(**SHAPES[args.shape])
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        with torch.device(device):
+            prev = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            model = LlamaForCausalLM(cfg).eval()
+            torch.set_default_dtype(prev)
+        return model
+    from bonsai.models.loading import load_model
+
+    return load_model(args.model, dtype=dtype, device=str(device))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape instead of --model")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--masks", type=int, default=6, help="sub-models timed")
+    p.add_argument("--samples", type=int, default=200, help="sub-models per iteration, for the regression share")
+    p.add_argument("--p-iter", type=float, default=0.05)
+    p.add_argument("--speedup-sparsity", type=float, default=0.5)
+    p.add_argument("--json")
+    args = p.parse_args()
+
+    from bonsai.adapters import get_adapter
+    from bonsai.eval.perplexity import window_nll
+    from bonsai.prune.evaluate import SubModelEvaluator, prior_pass
+    from bonsai.prune.regression import fit_unit_scores
+    from bonsai.prune.sampling import candidate_units, sample_masks
+    from bonsai.runtime import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device, torch.bfloat16 if args.shape else None)
+    model = build(args, device, dtype)
+    adapter = get_adapter(model)
+    vocab = model.config.vocab_size
+    windows = torch.randint(0, vocab, (args.windows, args.seqlen), generator=torch.Generator().manual_seed(0))
+    res = {"device": str(device), "dtype": str(dtype), "seqlen": args.seqlen, "windows": args.windows,
+           "batch_size": args.batch_size, "params": sum(p.numel() for p in model.parameters())}
+
+    # 1. plain forward over the calibration tokens (the inference baseline)
+    window_nll(model, windows[: args.batch_size], args.batch_size)  # warm-up
+    peak_reset(device)
+    t_plain, _ = timed(lambda: window_nll(model, windows, args.batch_size), device)
+    mem_plain = peak(device)
+
+    # 2. one iteration's prune steps: prior pass, sub-model evaluations, regression
+    peak_reset(device)
+    groups = adapter.groups()
+    t_prior, (priors, _) = timed(lambda: prior_pass(model, adapter, groups, windows, "wanda", args.batch_size),
+                                 device, repeats=1)
+    cands = {k: candidate_units(priors[k], args.p_iter) for k in groups}
+    keys = [k for k in groups if len(cands[k])]
+    cand_priors = [priors[k][cands[k]] for k in keys]
+    masks = sample_masks(cand_priors, args.masks, np.random.default_rng(0))
+    offsets = np.cumsum([0] + [len(cands[k]) for k in keys])
+    full = {}
+    for j, k in enumerate(keys):
+        m = torch.ones(len(masks), adapter.group_size(k), dtype=torch.uint8)
+        m[:, torch.from_numpy(cands[k])] = torch.from_numpy(masks[:, offsets[j]:offsets[j + 1]])
+        full[k] = m
+    evaluator = SubModelEvaluator(model, adapter, keys, windows, full, args.batch_size)
+    t_eval, (utility, _) = timed(lambda: evaluator.evaluate(list(range(len(masks)))), device, repeats=1)
+    mem_prune = peak(device)
+    per_sub = t_eval / len(masks)
+    # regression at the real problem size: `samples` rows x all candidates
+    n_cand = int(offsets[-1])
+    rng = np.random.default_rng(0)
+    X = sample_masks(cand_priors, args.samples, rng).astype(np.float64)
+    y = X @ rng.normal(size=n_cand) * 1e-3 + rng.normal(size=args.samples) * 1e-3
+    t0 = time.perf_counter()
+    fit_unit_scores(X, y, "lasso")
+    t_reg = time.perf_counter() - t0
+    t_iter = t_prior + args.samples * per_sub + t_reg
+    res.update({
+        "plain_forward_s": t_plain, "prior_pass_s": t_prior, "per_submodel_s": per_sub,
+        "submodel_over_forward": per_sub / t_plain, "regression_s": t_reg, "candidates": n_cand,
+        "regression_share": t_reg / t_iter, "iteration_estimate_s": t_iter,
+        "peak_mem_forward": mem_plain, "peak_mem_prune": mem_prune, "mem_ratio": mem_prune / mem_plain,
+    })
+
+    # 3. forward speedup of a model sliced to --speedup-sparsity (uniform per layer)
+    for k in groups:
+        n = adapter.group_size(k)
+        adapter.slice(k, torch.arange(max(1, round(n * (1 - args.speedup_sparsity)))))
+    window_nll(model, windows[: args.batch_size], args.batch_size)
+    t_small, _ = timed(lambda: window_nll(model, windows, args.batch_size), device)
+    res.update({"sliced_sparsity": args.speedup_sparsity, "sliced_forward_s": t_small,
+                "speedup": t_plain / t_small, "sliced_params": sum(p.numel() for p in model.parameters())})
+
+    gib = 2 ** 30
+    print(f"device {device} dtype {dtype}  params {res['params'] / 1e6:.1f}M  tokens {args.windows}x{args.seqlen}  batch {args.batch_size}")
+    print(f"plain forward over the calibration tokens : {t_plain:.3f} s, peak memory {mem_plain / gib:.2f} GiB")
+    print(f"prior pass                                : {t_prior:.3f} s")
+    print(f"one sub-model evaluation                  : {per_sub:.3f} s  = {per_sub / t_plain:.2f}x a plain forward")
+    print(f"regression ({args.samples} x {n_cand} candidates, CV)   : {t_reg:.2f} s  = {100 * t_reg / t_iter:.1f}% of an iteration ({t_iter:.0f} s est.)")
+    print(f"peak memory prune / plain forward         : {mem_prune / gib:.2f} / {mem_plain / gib:.2f} GiB = {mem_prune / mem_plain:.3f}x")
+    print(f"forward speedup at {args.speedup_sparsity:.0%} uniform slicing      : {res['speedup']:.2f}x "
+          f"({res['sliced_params'] / 1e6:.0f}M params)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

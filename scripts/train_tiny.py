@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Train the shipped tiny LLaMA-architecture model on the shipped KJV corpus (CPU, minutes).
+
+It is a real (small) language model, so pruning it shows real differences. Re-run to rebuild
+`bonsai/assets/tiny-llama`:  python scripts/train_tiny.py  (about 10-15 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import math
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+ASSETS = Path(__file__).resolve().parent.parent / "bonsai" / "assets"
+
+
+def build_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text.split("\n\n"), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=512)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--out", default=str(ASSETS / "tiny-llama"))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.manual_seed(args.seed)
+    train_text = gzip.open(ASSETS / "kjv" / "train.txt.gz", "rt").read()
+    test_text = gzip.open(ASSETS / "kjv" / "test.txt.gz", "rt").read()
+    tok = build_tokenizer(train_text, args.vocab)
+    train_ids = torch.tensor(tok(train_text)["input_ids"])
+    test_ids = torch.tensor(tok(test_text)["input_ids"])
+    print(f"train tokens {len(train_ids)}, test tokens {len(test_ids)}")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=192, intermediate_size=512, num_hidden_layers=6,
+                         num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         rms_norm_eps=1e-5)
+    model = LlamaForCausalLM(config)
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    warmup = 50
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    g = torch.Generator().manual_seed(args.seed)
+    start = time.time()
+    model.train()
+    for step in range(args.steps):
+        idx = torch.randint(0, len(train_ids) - args.seqlen - 1, (args.batch_size,), generator=g)
+        batch = torch.stack([train_ids[i:i + args.seqlen] for i in idx])
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == args.steps - 1:
+            print(f"step {step} loss {loss.item():.3f} ({time.time() - start:.0f}s)", flush=True)
+    model.eval()
+    windows = test_ids[: len(test_ids) // args.seqlen * args.seqlen].view(-1, args.seqlen)
+    with torch.no_grad():
+        nll = sum(model(w[None], labels=w[None]).loss.item() for w in windows) / len(windows)
+    print(f"test ppl {math.exp(nll):.2f} over {len(windows)} windows of {args.seqlen}")
+    model.to(torch.bfloat16).save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from bonsai.models.aliases import TINY_MODEL_DIR  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def random_checkpoints(tmp_path_factory, tiny_tokenizer):
+    """Random tiny LLaMA / Mistral (GQA) / Phi checkpoints with the shipped tokenizer, saved to disk."""
+    from helpers import tiny_model
+
+    from bonsai.models.saving import save_pruned
+
+    root = tmp_path_factory.mktemp("random")
+    paths = {}
+    for fam in ("llama", "mistral", "phi"):
+        model = tiny_model(fam, "sdpa", vocab_size=len(tiny_tokenizer))
+        paths[fam] = save_pruned(model, tiny_tokenizer, root / fam)
+    return paths

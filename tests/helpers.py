@@ -1,0 +1,45 @@
+"""Tiny random models of every supported family, built from configs (no download)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+
+def tiny_config(family: str, attn: str = "eager", **overrides):
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=48, num_hidden_layers=3,
+                  max_position_embeddings=128)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **common)
+    elif family == "llama-gqa":
+        cfg = transformers.LlamaConfig(num_attention_heads=8, num_key_value_heads=2, head_dim=8, **common)
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                                         sliding_window=None, **common)
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, use_sliding_window=False,
+                                       **common)
+    elif family == "phi":
+        cfg = transformers.PhiConfig(num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **common)
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def tiny_model(family: str, attn: str = "eager", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, attn, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
+    # random biases so that bias slicing is exercised
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.02)
+    return model.eval()
+
+
+FAMILIES = ["llama", "llama-gqa", "mistral", "qwen2", "phi"]

@@ -1,0 +1,80 @@
+"""Bad input: one line on stderr, non-zero exit, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from bonsai.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["bonsai", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err
+    return exc.value.code, err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "kjv", "--model", "/no/such/model"], "model path not found"),
+    (["eval", "missing.txt", "--model", "tiny"], "data file not found"),
+    (["eval", "kjv", "--model", "tiny", "--seqlen", "1"], "at least 2"),
+    (["eval", "kjv", "--model", "tiny", "--seqlen", "100000"], "exceeds the model's"),
+    (["eval", "wikitext2", "--model", "tiny"], "cannot be reached"),
+    (["prune", "--model", "tiny", "--sparsity", "1.5", "--out", "x"], "--sparsity must be in (0, 1)"),
+    (["prune", "--model", "tiny", "--sparsity", "0", "--out", "x"], "--sparsity must be in (0, 1)"),
+    (["prune", "--model", "tiny", "--sparsity", "0.3", "--p-iter", "0.5", "--out", "x"], "--p-iter"),
+    (["prune", "--model", "tiny", "--sparsity", "0.3", "--p-iter", "0", "--out", "x"], "--p-iter"),
+    (["prune", "--model", "tiny", "--sparsity", "0.3", "--samples", "3", "--out", "x"], "--samples"),
+    (["prune", "--model", "tiny", "--sparsity", "0.3", "--method", "magic", "--out", "x"], "unknown method"),
+    (["prune", "--model", "tiny", "--sparsity", "0.3", "--prior", "magic", "--out", "x"], "unknown prior"),
+    (["prune", "--config", "no-such-preset", "--out", "x"], "config not found"),
+])
+def test_bad_input_is_one_line(monkeypatch, capsys, tmp_path, args, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = run_cli(monkeypatch, capsys, *args)
+    assert code != 0
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_prune_refuses_to_remove_every_unit(monkeypatch, capsys, tmp_path):
+    code, err = run_cli(monkeypatch, capsys, "prune", "--model", "tiny", "--sparsity", "0.6", "--units", "attention",
+                        "--calib", "kjv", "--out", str(tmp_path / "o"))
+    assert code == 2 and "remove every unit" in err
+
+
+def test_existing_output_folder_is_refused(monkeypatch, capsys, tmp_path):
+    (tmp_path / "o").mkdir()
+    code, err = run_cli(monkeypatch, capsys, "prune", "--model", "tiny", "--sparsity", "0.3", "--calib", "kjv",
+                        "--out", str(tmp_path / "o"))
+    assert code == 2 and "already exists" in err and "--force" in err
+
+
+def test_unsupported_architecture_subprocess(tmp_path):
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=4096)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    from bonsai.models.aliases import TINY_MODEL_DIR
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(TINY_MODEL_DIR).save_pretrained(tmp_path / "gpt2")
+    proc = subprocess.run([sys.executable, "-m", "bonsai", "prune", "--model", str(tmp_path / "gpt2"), "--sparsity",
+                           "0.3", "--calib", "kjv", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert "unsupported architecture 'gpt2'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_tokenizer(monkeypatch, capsys, tmp_path):
+    import transformers
+    from helpers import tiny_model
+
+    tiny_model("llama", "sdpa").save_pretrained(tmp_path / "m")
+    code, err = run_cli(monkeypatch, capsys, "eval", "kjv", "--model", str(tmp_path / "m"))
+    assert code == 2 and "tokenizer" in err

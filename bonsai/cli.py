@@ -36,7 +36,7 @@ def models_cmd() -> None:
 
     from bonsai.adapters import supported_model_types
     from bonsai.models.aliases import MODEL_ALIASES
-    from bonsai.progress import console
+    from bonsai.progress import out_console as console
 
     table = Table(title="model aliases")
     table.add_column("alias")
@@ -95,8 +95,15 @@ def prune_cmd(
     device: Optional[str] = typer.Option(None, help="auto|cpu|cuda|cuda:N."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save state every N sub-models (default 10)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    processes: int = typer.Option(1, "--processes", min=1,
+                                  help="Processes sharing the sub-model evaluations (one replica each; a GPU each "
+                                       "when GPUs are used). Same as `accelerate launch --num_processes N -m bonsai prune`."),
 ) -> None:
     """Prune a model with Bonsai to the target sparsity; rerun the same command to resume."""
+    import os
+
+    if processes > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch(processes)
     _quiet_transformers()
     from bonsai.prune.config import build_config
     from bonsai.prune.runner import PruneRun
@@ -108,14 +115,37 @@ def prune_cmd(
     cfg = build_config(config, overrides)
     if model is None and config is None:
         raise BonsaiError("--model is required (or a --config that names one)")
-    report = PruneRun(cfg, out, force=force).run()
-    _print_prune(report, out)
+    run = PruneRun(cfg, out, force=force)
+    report = run.run()
+    if run.dist.is_main:
+        _print_prune(report, out)
+    run.dist.close()
+
+
+def _relaunch(processes: int) -> None:
+    """Start `processes` copies of this command through torch.distributed.run and exit with its status."""
+    import subprocess
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--processes":
+            skip = True
+            continue
+        if a.startswith("--processes="):
+            continue
+        args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "bonsai", *args]
+    raise typer.Exit(subprocess.call(cmd))
 
 
 def _print_prune(report: dict, out: Path) -> None:
     from rich.table import Table
 
-    from bonsai.progress import console
+    from bonsai.progress import out_console as console
 
     t = report["totals"]
     table = Table(title=f"pruned {report['model']} -> {out}")
@@ -135,7 +165,7 @@ def _print_prune(report: dict, out: Path) -> None:
 def _print_ppl(result: dict) -> None:
     from rich.table import Table
 
-    from bonsai.progress import console
+    from bonsai.progress import out_console as console
 
     table = Table(title=f"perplexity of {result['model']}")
     for col in ("dataset", "split", "seqlen", "windows", "tokens", "dtype", "params", "ppl"):

@@ -5,11 +5,12 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+console = Console(stderr=True)  # progress and messages
+out_console = Console()  # results (tables), so that stdout can be piped
 
 
-def make_progress(transient: bool = False) -> Progress:
+def make_progress(transient: bool = False, disable: bool = False) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=transient,
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=transient, disable=disable,
     )

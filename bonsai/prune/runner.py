@@ -19,6 +19,7 @@ import torch
 
 from bonsai.adapters import GroupKey, get_adapter
 from bonsai.adapters.base import ArchAdapter
+from bonsai.distributed import Dist
 from bonsai.errors import BonsaiError
 from bonsai.io import write_json_atomic
 from bonsai.progress import console, make_progress
@@ -52,8 +53,9 @@ def plan_budget(adapter: ArchAdapter, groups: list[GroupKey], cfg: PruneConfig) 
             f"--sparsity {cfg.sparsity} would remove {target:,.0f} block parameters but only {prunable:,} are prunable "
             f"with --units {cfg.units}: this would remove every unit"
         )
-    step = cfg.p_iter * prunable
-    return Budget(block, total, prunable, target, step, max(1, math.ceil(target / step - 1e-9)))
+    # Algorithm 1 runs ceil(p / p_iter) iterations; equal steps make the last one end at the target.
+    iterations = max(1, math.ceil(cfg.sparsity / cfg.p_iter - 1e-9))
+    return Budget(block, total, prunable, target, target / iterations, iterations)
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -73,12 +75,14 @@ class PruneRun:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.store = StateStore(self.out)
+        self.dist = Dist()
         self._prepare_dir(force)
         from bonsai.eval.runner import default_seqlen
         from bonsai.models.loading import load_model, load_tokenizer
 
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-        self.model = model if model is not None else load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        self.model = model if model is not None else load_model(cfg.model, dtype=cfg.dtype,
+                                                                 device=self.dist.device(cfg.device))
         self.adapter = get_adapter(self.model)
         self.device = next(self.model.parameters()).device
         self.seqlen = default_seqlen(self.model.config, cfg.seqlen)
@@ -92,7 +96,10 @@ class PruneRun:
             self.resuming = False
             return
         if force:
-            shutil.rmtree(self.out)
+            self.dist.barrier()  # every process has looked before the folder goes
+            if self.dist.is_main:
+                shutil.rmtree(self.out)
+            self.dist.barrier()
             self.resuming = False
             return
         if not self.store.exists():
@@ -113,8 +120,12 @@ class PruneRun:
         state = RunState(fingerprint=self.cfg.fingerprint(),
                          kept={str(k): list(range(self.adapter.group_size(k))) for k in self.groups},
                          started=time.time())
-        self.store.save(state)
+        self._save(state)
         return state
+
+    def _save(self, state: RunState) -> None:
+        if self.dist.is_main:
+            self.store.save(state)
 
     def _restore(self, state: RunState) -> None:
         """Rebuild the pruned model of a previous process: one exact slicing of the original."""
@@ -131,9 +142,9 @@ class PruneRun:
             return self._report(state)
         t0 = time.time()
         b = self.budget
-        if self.resuming:
+        if self.resuming and self.dist.is_main:
             console.print(f"resuming {self.out} at iteration {state.completed_iterations + 1}/{b.iterations}")
-        with make_progress() as progress:
+        with make_progress(disable=not self.dist.is_main) as progress:
             it_task = progress.add_task("iterations", total=b.iterations, completed=state.completed_iterations,
                                         info=f"sparsity 0.000 → {self.cfg.sparsity}")
             for t in range(state.completed_iterations, b.iterations):
@@ -143,13 +154,16 @@ class PruneRun:
                 state.completed_iterations = t + 1
                 state.elapsed_before += time.time() - t0
                 t0 = time.time()
-                self.store.save(state)
-                self.store.clear_iteration()
+                self._save(state)
+                if self.dist.is_main:
+                    self.store.clear_iteration()
                 progress.update(it_task, completed=t + 1, info=f"sparsity {state.history[-1]['sparsity']:.3f}")
             progress.update(it_task, completed=b.iterations)
         state.finished = True
-        self.store.save(state)
-        return self._finish(state)
+        self._save(state)
+        report = self._finish(state) if self.dist.is_main else self._report(state)
+        self.dist.barrier()
+        return report
 
     def _iteration(self, t: int, state: RunState, progress) -> None:
         cfg, b, adapter = self.cfg, self.budget, self.adapter
@@ -160,6 +174,7 @@ class PruneRun:
         it = self.store.load_iteration(t)
         if it is None:
             it = self._start_iteration(t, windows)
+        it = self.dist.broadcast(it)  # every replica works from the main process's masks
         keys = [k for k in self.groups if len(it.candidates[str(k)])]
         offsets = np.cumsum([0] + [len(it.candidates[str(k)]) for k in keys])
         cand_prior = np.concatenate([it.prior[str(k)][it.candidates[str(k)]] for k in keys]) if keys else np.zeros(0)
@@ -183,7 +198,7 @@ class PruneRun:
             scores = cand_prior
         else:  # random
             scores = _rng(cfg.seed, t, 2).random(len(cand_prior))
-        drop = select_removals(scores, cand_prior, cand_params, need)
+        drop = self.dist.broadcast(select_removals(scores, cand_prior, cand_params, need))
         self._apply(keys, offsets, it, drop, state)
         n_bad = int((~np.isfinite(it.utility) & it.done).sum())
         if n_bad:
@@ -223,7 +238,8 @@ class PruneRun:
         it = IterationState(iteration=t, prior={str(k): v for k, v in priors.items()}, candidates=candidates,
                             masks=masks, utility=np.full(n, np.nan), done=np.zeros(n, bool), base_loss=base_loss,
                             nr_sum=np.zeros(total), nr_count=np.zeros(total))
-        self.store.save_iteration(it)
+        if self.dist.is_main:
+            self.store.save_iteration(it)
         return it
 
     def _full_masks(self, it: IterationState, keys, offsets) -> dict[GroupKey, torch.Tensor]:
@@ -244,21 +260,31 @@ class PruneRun:
         task = progress.add_task(f"sub-models (iter {it.iteration + 1})", total=len(it.masks) * len(windows),
                                  completed=int(it.done.sum()) * len(windows), info="")
         abort_after = int(os.environ.get(ABORT_ENV, "0"))
-        for start in range(0, len(pending), cfg.checkpoint_every):
-            chunk = pending[start:start + cfg.checkpoint_every]
-            utility, sample_prior = evaluator.evaluate(chunk, on_row=lambda: progress.advance(task))
-            it.utility[chunk] = utility
-            it.done[chunk] = True
-            if sample_prior is not None:
-                bits = it.masks[chunk].astype(np.float64)
-                per_unit = np.concatenate([sample_prior[k][:, it.candidates[str(k)]] for k in keys], axis=1)
-                it.nr_sum += (per_unit * bits).sum(0)
-                it.nr_count += bits.sum(0)
-            self.store.save_iteration(it)
-            self.evals_this_process += len(chunk)
+        chunks = [pending[i:i + cfg.checkpoint_every] for i in range(0, len(pending), cfg.checkpoint_every)]
+        world, rank = self.dist.world, self.dist.rank
+        for round_start in range(0, len(chunks), world):
+            # whole chunks per process: batches are composed exactly as in a single-process run
+            mine = chunks[round_start + rank] if round_start + rank < len(chunks) else []
+            result = evaluator.evaluate(mine, on_row=lambda: progress.advance(task)) if mine else (np.zeros(0), None)
+            for chunk, (utility, sample_prior) in zip(chunks[round_start:round_start + world],
+                                                      self.dist.all_gather(result)):
+                self._record(it, keys, chunk, utility, sample_prior)
+            if self.dist.is_main:
+                self.store.save_iteration(it)
+            self.evals_this_process += sum(len(c) for c in chunks[round_start:round_start + world])
             if abort_after and self.evals_this_process >= abort_after:
                 os._exit(75)  # simulated crash, after the checkpoint, for the resume tests
         progress.remove_task(task)
+
+    @staticmethod
+    def _record(it: IterationState, keys, chunk: list[int], utility: np.ndarray, sample_prior) -> None:
+        it.utility[chunk] = utility
+        it.done[chunk] = True
+        if sample_prior is not None:
+            bits = it.masks[chunk].astype(np.float64)
+            per_unit = np.concatenate([sample_prior[k][:, it.candidates[str(k)]] for k in keys], axis=1)
+            it.nr_sum += (per_unit * bits).sum(0)
+            it.nr_count += bits.sum(0)
 
     def _apply(self, keys, offsets, it: IterationState, drop: np.ndarray, state: RunState) -> None:
         for j, key in enumerate(keys):

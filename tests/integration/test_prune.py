@@ -123,3 +123,40 @@ def test_other_settings_refused_then_forced(tmp_path):
                              seed=1)).validate()
     PruneRun(cfg, tmp_path / "o", force=True).run()
     assert json.loads((tmp_path / "o" / "report.json").read_text())["settings"]["seed"] == 1
+
+
+def test_two_processes_equal_one(tmp_path):
+    """Sub-model evaluations spread over 2 CPU processes (gloo) give the single-process model exactly."""
+    args = [sys.executable, "-m", "bonsai", "prune", "--model", "tiny", "--sparsity", "0.2", "--p-iter", "0.1",
+            "--samples", "8", "--calib", "kjv", "--seqlen", "32", "--calib-samples", "4", "--batch-size", "8",
+            "--checkpoint-every", "2"]
+    one = subprocess.run(args + ["--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600)
+    two = subprocess.run(args + ["--out", str(tmp_path / "two"), "--processes", "2"], capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    a = load_file(tmp_path / "one" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra = json.loads((tmp_path / "one" / "report.json").read_text())["iterations"]
+    rb = json.loads((tmp_path / "two" / "report.json").read_text())["iterations"]
+    assert [h["cv_tau"] for h in ra] == [h["cv_tau"] for h in rb]
+
+
+def test_non_finite_utilities_are_left_out(tmp_path, monkeypatch):
+    """An fp16 overflow in some sub-models is logged and kept out of the fit, never a crash."""
+    import numpy as np
+
+    from bonsai.prune import evaluate
+
+    original = evaluate.SubModelEvaluator.evaluate
+
+    def overflowing(self, samples, on_row=None):
+        utility, prior = original(self, samples, on_row)
+        utility = np.where(np.array(samples) % 3 == 0, -np.inf, utility)
+        return utility, prior
+
+    monkeypatch.setattr(evaluate.SubModelEvaluator, "evaluate", overflowing)
+    _, report = prune(tmp_path / "o", model="tiny", sparsity=0.1, p_iter=0.1, samples=12)
+    it = report["iterations"][0]
+    assert it["non_finite"] == 4 and it["cv_tau"] is not None

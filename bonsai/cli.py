@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 from bonsai.runtime import configure_threads
 
 configure_threads()  # before torch is imported anywhere
 
-import typer  # noqa: E402
+import typer
 
-from bonsai.errors import BonsaiError  # noqa: E402
+from bonsai.errors import BonsaiError
 
 app = typer.Typer(
     help="Structured pruning of LLMs with forward passes only (Bonsai). Run `bonsai COMMAND --help`.",
@@ -51,13 +50,13 @@ def models_cmd() -> None:
 def eval_cmd(
     target: str = typer.Argument(..., help="wikitext2, c4, kjv (the shipped corpus; alias tiny) or a local .txt/.jsonl file."),
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    seqlen: Optional[int] = typer.Option(None, help="Window length; default 2048 capped at the model's max positions."),
+    seqlen: int | None = typer.Option(None, help="Window length; default 2048 capped at the model's max positions."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Windows per forward pass."),
     split: str = typer.Option("test", help="Split of a hub dataset: test, validation or train."),
-    max_windows: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N windows."),
+    max_windows: int | None = typer.Option(None, min=1, help="Evaluate only the first N windows."),
     dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16 (auto: float32 on CPU, checkpoint dtype on GPU)."),
     device: str = typer.Option("auto", help="auto|cpu|cuda|cuda:N"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint (off by default)."),
 ) -> None:
     """Perplexity over non-overlapping windows (Wanda/SparseGPT protocol, remainder dropped)."""
@@ -76,24 +75,24 @@ def eval_cmd(
 
 @app.command("prune")
 def prune_cmd(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    sparsity: Optional[float] = typer.Option(None, help="Fraction of transformer-block parameters to remove, in (0,1)."),
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    sparsity: float | None = typer.Option(None, help="Fraction of transformer-block parameters to remove, in (0,1)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (pruned model, report.json, report.png, state)."),
-    config: Optional[str] = typer.Option(None, help="YAML preset: a path or a name under configs/ (e.g. llama-2-7b)."),
-    method: Optional[str] = typer.Option(None, help="bonsai | prior-only | no-regression | random (paper Fig. 2)."),
-    prior: Optional[str] = typer.Option(None, help="wanda | activation | magnitude | uniform (paper Fig. 3)."),
-    p_iter: Optional[float] = typer.Option(None, "--p-iter", help="Fraction pruned per iteration (default 0.05)."),
-    samples: Optional[int] = typer.Option(None, help="Sub-models evaluated per iteration (default 200)."),
-    calib: Optional[str] = typer.Option(None, help="Calibration data: wikitext2, c4, kjv or a local file."),
-    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration windows (default 32)."),
-    seqlen: Optional[int] = typer.Option(None, help="Calibration window length (default 2048 capped at max positions)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Rows per forward pass (rows may mix sub-models)."),
-    regression: Optional[str] = typer.Option(None, help="lasso (L1, default) | ridge (L2)."),
-    units: Optional[str] = typer.Option(None, help="Unit kinds to prune: attention,mlp (default), attention or mlp."),
-    seed: Optional[int] = typer.Option(None, help="Random seed (same seed, same model)."),
-    dtype: Optional[str] = typer.Option(None, help="auto|float32|bfloat16|float16."),
-    device: Optional[str] = typer.Option(None, help="auto|cpu|cuda|cuda:N."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save state every N sub-models (default 10)."),
+    config: str | None = typer.Option(None, help="YAML preset: a path or a name under configs/ (e.g. llama-2-7b)."),
+    method: str | None = typer.Option(None, help="bonsai | prior-only | no-regression | random (paper Fig. 2)."),
+    prior: str | None = typer.Option(None, help="wanda | activation | magnitude | uniform (paper Fig. 3)."),
+    p_iter: float | None = typer.Option(None, "--p-iter", help="Fraction pruned per iteration (default 0.05)."),
+    samples: int | None = typer.Option(None, help="Sub-models evaluated per iteration (default 200)."),
+    calib: str | None = typer.Option(None, help="Calibration data: wikitext2, c4, kjv or a local file."),
+    calib_samples: int | None = typer.Option(None, "--calib-samples", help="Calibration windows (default 32)."),
+    seqlen: int | None = typer.Option(None, help="Calibration window length (default 2048 capped at max positions)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Rows per forward pass (rows may mix sub-models)."),
+    regression: str | None = typer.Option(None, help="lasso (L1, default) | ridge (L2)."),
+    units: str | None = typer.Option(None, help="Unit kinds to prune: attention,mlp (default), attention or mlp."),
+    seed: int | None = typer.Option(None, help="Random seed (same seed, same model)."),
+    dtype: str | None = typer.Option(None, help="auto|float32|bfloat16|float16."),
+    device: str | None = typer.Option(None, help="auto|cpu|cuda|cuda:N."),
+    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save state every N sub-models (default 10)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     processes: int = typer.Option(1, "--processes", min=1,
                                   help="Processes sharing the sub-model evaluations (one replica each; a GPU each "

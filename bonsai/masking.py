@@ -57,7 +57,7 @@ class UnitMasks:
         self._handles.clear()
         self._columns.clear()
 
-    def __enter__(self) -> "UnitMasks":
+    def __enter__(self) -> UnitMasks:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,12 +6,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from bonsai.models.aliases import TINY_MODEL_DIR  # noqa: E402
+from bonsai.models.aliases import TINY_MODEL_DIR
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from bonsai.adapters.base import AttentionSpec, ArchAdapter, MlpSpec
+from bonsai.adapters.base import ArchAdapter, AttentionSpec, MlpSpec
 from bonsai.adapters.registry import register_adapter
 
 

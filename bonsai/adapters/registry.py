@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Callable
 
 from torch import nn
 
@@ -34,5 +33,3 @@ def adapter_class(model_type: str) -> type[ArchAdapter]:
 def get_adapter(model: nn.Module) -> ArchAdapter:
     return adapter_class(model.config.model_type)(model)
 
-
-AdapterFactory = Callable[[nn.Module], ArchAdapter]

@@ -83,8 +83,8 @@ def load_model(
     `device_map` (e.g. "auto") hands placement to accelerate for models larger than one device;
     otherwise the whole model goes to `device`.
     """
-    from transformers import AutoModelForCausalLM
     import transformers
+    from transformers import AutoModelForCausalLM
 
     config, location, kwargs = load_config(name, trust_remote_code)
     target = resolve_device(device)

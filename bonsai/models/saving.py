@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
+from bonsai.adapters import get_adapter
 from bonsai.adapters.base import ArchAdapter
 from bonsai.errors import BonsaiError
 from bonsai.models import plan as plan_module
@@ -38,14 +38,6 @@ def record_plan(adapter: ArchAdapter) -> dict:
     }
 
 
-def kept_units(adapter: ArchAdapter) -> dict[str, list[int]]:
-    """Units kept per layer, for reports."""
-    return {
-        ATTENTION: [adapter.group_size(GroupKey(i, ATTENTION)) for i in range(adapter.num_layers)],
-        MLP: [adapter.group_size(GroupKey(i, MLP)) for i in range(adapter.num_layers)],
-    }
-
-
 def modeling_source(causal_lm_class: str) -> str:
     """The self-contained modeling file placed in every pruned checkpoint (for trust_remote_code users)."""
     source = Path(plan_module.__file__).read_text()
@@ -58,13 +50,6 @@ def modeling_source(causal_lm_class: str) -> str:
         "        super().__init__(config, *args, **kwargs)\n"
         f"        apply_plan(self, config.{PLAN_KEY})\n"
     )
-
-
-def prepare_output_dir(out_dir: str | Path, force: bool) -> Path:
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise BonsaiError(f"output folder {out} already exists; pass --force to replace it")
-    return out
 
 
 def atomic_replace(tmp: Path, out: Path) -> None:

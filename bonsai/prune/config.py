@@ -41,7 +41,7 @@ class PruneConfig:
     def unit_kinds(self) -> tuple[str, ...]:
         return tuple(u.strip() for u in self.units.split(",") if u.strip())
 
-    def validate(self) -> "PruneConfig":
+    def validate(self) -> PruneConfig:
         if not 0 < self.sparsity < 1:
             raise BonsaiError(f"--sparsity must be in (0, 1), got {self.sparsity}")
         if not 0 < self.p_iter <= self.sparsity:

@@ -6,7 +6,7 @@ so small calibration sets still fill a batch. The loss is accumulated in float32
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 from bonsai.adapters.base import ArchAdapter, GroupKey
 from bonsai.eval.perplexity import batch_nll, model_device
 from bonsai.masking import UnitMasks
-from bonsai.prune.priors import ActivationStats, NEEDS_ACTIVATIONS, unit_prior
+from bonsai.prune.priors import NEEDS_ACTIVATIONS, ActivationStats, unit_prior
 
 
 @torch.no_grad()
@@ -71,7 +71,7 @@ class SubModelEvaluator:
                 batch = self.windows[[w for _, w in chunk]].to(self.device)
                 masks.set({k: self.full_masks[k].index_select(0, rows) for k in self.groups})
                 row_nll = batch_nll(self.model, batch).double().cpu().numpy()
-                for (s, _), v in zip(chunk, row_nll):
+                for (s, _), v in zip(chunk, row_nll, strict=True):
                     nll[slot[s]] += v
                 if collect:
                     idx = torch.tensor([slot[s] for s, _ in chunk])

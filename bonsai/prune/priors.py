@@ -6,8 +6,8 @@ same point where masks act), per batch row, so they can also be aggregated per s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 
@@ -42,7 +42,6 @@ class ActivationStats:
         self.tokens_per_row = x.shape[1]
         self.sq[key].append(x.pow(2).sum(1).cpu())
         self.abs[key].append(x.abs().sum(1).cpu())
-        return None
 
     def rows(self, key: GroupKey, which: str) -> torch.Tensor:
         """(rows seen, columns) sums for the group."""

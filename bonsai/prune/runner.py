@@ -210,8 +210,8 @@ class PruneRun:
             "mlp_units": [adapter.group_size(GroupKey(i, "mlp")) for i in range(adapter.num_layers)],
             "block_params": block_now,
             "sparsity": 1 - block_now / b.block_params,
-            "removed_units": int(len(drop)),
-            "candidates": int(len(cand_prior)),
+            "removed_units": len(drop),
+            "candidates": len(cand_prior),
             "sub_models": int(it.done.sum()),
             "non_finite": n_bad,
             "cv_tau": None if reg is None else _finite_or_none(reg.cv_tau),
@@ -266,7 +266,7 @@ class PruneRun:
             # whole chunks per process: batches are composed exactly as in a single-process run
             mine = chunks[round_start + rank] if round_start + rank < len(chunks) else []
             result = evaluator.evaluate(mine, on_row=lambda: progress.advance(task)) if mine else (np.zeros(0), None)
-            for chunk, (utility, sample_prior) in zip(chunks[round_start:round_start + world],
+            for chunk, (utility, sample_prior) in zip(chunks[round_start:round_start + world],  # noqa: B905 (last round: fewer chunks than processes)
                                                       self.dist.all_gather(result)):
                 self._record(it, keys, chunk, utility, sample_prior)
             if self.dist.is_main:

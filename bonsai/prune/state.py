@@ -65,7 +65,7 @@ class IterationState:
         return t
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "IterationState":
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> IterationState:
         return cls(
             iteration=int(t["iteration"][0]),
             prior={k[6:]: v.numpy() for k, v in t.items() if k.startswith("prior/")},

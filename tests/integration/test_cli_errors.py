@@ -60,8 +60,9 @@ def test_unsupported_architecture_subprocess(tmp_path):
 
     cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=4096)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
-    from bonsai.models.aliases import TINY_MODEL_DIR
     from transformers import AutoTokenizer
+
+    from bonsai.models.aliases import TINY_MODEL_DIR
 
     AutoTokenizer.from_pretrained(TINY_MODEL_DIR).save_pretrained(tmp_path / "gpt2")
     proc = subprocess.run([sys.executable, "-m", "bonsai", "prune", "--model", str(tmp_path / "gpt2"), "--sparsity",
@@ -72,7 +73,6 @@ def test_unsupported_architecture_subprocess(tmp_path):
 
 
 def test_missing_tokenizer(monkeypatch, capsys, tmp_path):
-    import transformers
     from helpers import tiny_model
 
     tiny_model("llama", "sdpa").save_pretrained(tmp_path / "m")

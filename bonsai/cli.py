@@ -92,6 +92,8 @@ def prune_cmd(
     seed: int | None = typer.Option(None, help="Random seed (same seed, same model)."),
     dtype: str | None = typer.Option(None, help="auto|float32|bfloat16|float16."),
     device: str | None = typer.Option(None, help="auto|cpu|cuda|cuda:N."),
+    device_map: str | None = typer.Option(None, "--device-map",
+                                          help="accelerate placement (e.g. auto) for models larger than one device."),
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save state every N sub-models (default 10)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     processes: int = typer.Option(1, "--processes", min=1,
@@ -110,7 +112,7 @@ def prune_cmd(
     overrides = dict(model=model, sparsity=sparsity, method=method, prior=prior, p_iter=p_iter, samples=samples,
                      calib=calib, calib_samples=calib_samples, seqlen=seqlen, batch_size=batch_size,
                      regression=regression, units=units, seed=seed, dtype=dtype, device=device,
-                     checkpoint_every=checkpoint_every)
+                     device_map=device_map, checkpoint_every=checkpoint_every)
     cfg = build_config(config, overrides)
     if model is None and config is None:
         raise BonsaiError("--model is required (or a --config that names one)")

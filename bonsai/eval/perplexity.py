@@ -32,7 +32,7 @@ def model_device(model: nn.Module) -> torch.device:
 def batch_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL of each row of `batch`, in float32 whatever the model dtype."""
     logits = model(batch).logits
-    targets = batch[:, 1:]
+    targets = batch[:, 1:].to(logits.device)  # with a device_map the logits live on the last device
     nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                           reduction="none")
     return nll.view(batch.shape[0], -1).sum(dim=1)

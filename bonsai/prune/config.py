@@ -35,6 +35,7 @@ class PruneConfig:
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None
     checkpoint_every: int = 10
 
     @property
@@ -73,7 +74,7 @@ class PruneConfig:
     def fingerprint(self) -> dict:
         """Settings that determine the result; a resumed run must match them."""
         d = self.to_dict()
-        for k in ("device", "checkpoint_every", "batch_size"):
+        for k in ("device", "device_map", "checkpoint_every", "batch_size"):
             d.pop(k)
         return d
 

@@ -82,7 +82,8 @@ class PruneRun:
 
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
         self.model = model if model is not None else load_model(cfg.model, dtype=cfg.dtype,
-                                                                 device=self.dist.device(cfg.device))
+                                                                 device=self.dist.device(cfg.device),
+                                                                 device_map=cfg.device_map)
         self.adapter = get_adapter(self.model)
         self.device = next(self.model.parameters()).device
         self.seqlen = default_seqlen(self.model.config, cfg.seqlen)

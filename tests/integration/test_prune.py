@@ -160,3 +160,13 @@ def test_non_finite_utilities_are_left_out(tmp_path, monkeypatch):
     _, report = prune(tmp_path / "o", model="tiny", sparsity=0.1, p_iter=0.1, samples=12)
     it = report["iterations"][0]
     assert it["non_finite"] == 4 and it["cv_tau"] is not None
+
+
+def test_prune_with_accelerate_placement(tmp_path):
+    """--device-map hands placement to accelerate (the path for models larger than one device)."""
+    run, report = prune(tmp_path / "o", model="tiny", sparsity=0.1, p_iter=0.1, samples=4, device_map="cpu")
+    assert report["totals"]["sparsity"] >= 0.1
+    reloaded = load_model(str(tmp_path / "o"), device="cpu")
+    ids = torch.randint(0, 4000, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, run.model(ids).logits, atol=1e-5, rtol=0)

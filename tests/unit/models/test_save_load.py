@@ -39,9 +39,11 @@ def test_round_trip(family, tmp_path):
     assert plan["layers"][1]["attention_units"] == 0 and plan["layers"][2]["mlp_units"] == 16
 
     mine = load_model(str(out), device="cpu")
+    placed = load_model(str(out), device_map="cpu")  # accelerate placement path
     stock = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     with torch.no_grad():
         torch.testing.assert_close(mine(ids).logits, ref, atol=1e-6, rtol=0)
+        torch.testing.assert_close(placed(ids).logits, ref, atol=1e-6, rtol=0)
         torch.testing.assert_close(stock(ids).logits, ref, atol=1e-6, rtol=0)
     # generation through the empty attention layer keeps the cache consistent
     assert mine.generate(ids[:1], max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 13)

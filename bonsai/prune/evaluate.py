@@ -58,7 +58,7 @@ class SubModelEvaluator:
         pairs = [(s, w) for s in samples for w in range(n_win)]
         nll = np.zeros(len(samples))
         slot = {s: i for i, s in enumerate(samples)}
-        collect = self.prior is not None and self.prior in ("wanda", "activation")
+        collect = self.prior in NEEDS_ACTIVATIONS
         sample_sq = {k: None for k in self.groups} if collect else None
         sample_abs = {k: None for k in self.groups} if collect else None
         masks = UnitMasks(self.adapter, self.groups)

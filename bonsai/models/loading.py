@@ -112,8 +112,24 @@ def load_model(
         raise BonsaiError(f"cannot load the weights of {name}: {_first_line(exc)}") from None
     if device_map is None:
         model.to(target)
+    adapter_dir = Path(location) / ADAPTER_DIR
+    if (adapter_dir / "adapter_config.json").exists():
+        model = _with_adapter(model, adapter_dir)
     model.eval()
     return model
+
+
+ADAPTER_DIR = "adapter"  # `bonsai finetune --no-merge` keeps the LoRA adapter here, beside the base weights
+
+
+def _with_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """Apply an unmerged LoRA adapter saved by `bonsai finetune --no-merge`, merged in memory (same outputs,
+    full speed, and the adapters/pruning code sees a plain model)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise BonsaiError(f"{adapter_dir} holds a LoRA adapter; install peft to load it (pip install peft)") from None
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):

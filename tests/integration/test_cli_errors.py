@@ -32,6 +32,12 @@ def run_cli(monkeypatch, capsys, *args):
     (["prune", "--model", "tiny", "--sparsity", "0.3", "--method", "magic", "--out", "x"], "unknown method"),
     (["prune", "--model", "tiny", "--sparsity", "0.3", "--prior", "magic", "--out", "x"], "unknown prior"),
     (["prune", "--config", "no-such-preset", "--out", "x"], "config not found"),
+    (["prune", "--model", "tiny", "--bogus-flag", "1", "--out", "x"], "No such option"),
+    (["finetune", "--model", "tiny", "--teacher", "tiny", "--lora-rank", "0", "--out", "x"], "--lora-rank must be positive"),
+    (["finetune", "--model", "tiny", "--teacher", "tiny", "--data", "missing.txt", "--out", "x"], "data file not found"),
+    (["finetune", "--model", "tiny", "--data", "kjv", "--out", "x"], "--teacher (the parent model) is required"),
+    (["finetune", "--model", "tiny", "--teacher", "tiny", "--data", "wikitext2", "--out", "x"], "cannot be reached"),
+    (["finetune", "--model", "/no/such", "--teacher", "tiny", "--out", "x"], "model path not found"),
 ])
 def test_bad_input_is_one_line(monkeypatch, capsys, tmp_path, args, message):
     monkeypatch.chdir(tmp_path)
@@ -78,3 +84,27 @@ def test_missing_tokenizer(monkeypatch, capsys, tmp_path):
     tiny_model("llama", "sdpa").save_pretrained(tmp_path / "m")
     code, err = run_cli(monkeypatch, capsys, "eval", "kjv", "--model", str(tmp_path / "m"))
     assert code == 2 and "tokenizer" in err
+
+
+def test_finetune_teacher_with_other_vocabulary(monkeypatch, capsys, tmp_path, tiny_tokenizer):
+    from helpers import tiny_model
+
+    from bonsai.models.saving import save_pruned
+
+    other = save_pruned(tiny_model("llama", vocab_size=len(tiny_tokenizer) + 7), tiny_tokenizer, tmp_path / "other")
+    code, err = run_cli(monkeypatch, capsys, "finetune", "--model", "tiny", "--teacher", str(other), "--data", "kjv",
+                        "--out", str(tmp_path / "o"))
+    assert code == 2 and "vocabulary" in err and len(err.strip().splitlines()) == 1
+
+
+def test_finetune_model_that_is_not_a_causal_lm(monkeypatch, capsys, tmp_path, tiny_tokenizer):
+    import transformers
+
+    folder = tmp_path / "bert"
+    transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=37, vocab_size=len(tiny_tokenizer))
+                           ).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    code, err = run_cli(monkeypatch, capsys, "finetune", "--model", str(folder), "--distill-weight", "0",
+                        "--data", "kjv", "--seqlen", "32", "--samples", "4", "--out", str(tmp_path / "o"))
+    assert code == 2 and "unsupported architecture 'bert'" in err and len(err.splitlines()) == 1

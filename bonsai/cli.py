@@ -153,7 +153,7 @@ def finetune_cmd(
     seed: int | None = typer.Option(None, help="Random seed (default 0)."),
     dtype: str | None = typer.Option(None, help="auto|float32|bfloat16|float16 (auto: fp32 on CPU, half on GPU)."),
     device: str | None = typer.Option(None, help="auto|cpu|cuda|cuda:N."),
-    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Teacher-logit caches (default: .bonsai-teacher-cache beside DIR)."),
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Teacher-logit caches (default: beside DIR)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in DIR from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoints (off by default)."),

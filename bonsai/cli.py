@@ -79,7 +79,8 @@ def prune_cmd(
     sparsity: float | None = typer.Option(None, help="Fraction of transformer-block parameters to remove, in (0,1)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (pruned model, report.json, report.png, state)."),
     config: str | None = typer.Option(None, help="YAML preset: a path or a name under configs/ (e.g. llama-2-7b)."),
-    method: str | None = typer.Option(None, help="bonsai | prior-only | no-regression | random (paper Fig. 2)."),
+    method: str | None = typer.Option(None, help="bonsai | prior-only | no-regression | random (paper Fig. 2) | "
+                                                 "baselines: wanda | llm-pruner | besa."),
     prior: str | None = typer.Option(None, help="wanda | activation | magnitude | uniform (paper Fig. 3)."),
     p_iter: float | None = typer.Option(None, "--p-iter", help="Fraction pruned per iteration (default 0.05)."),
     samples: int | None = typer.Option(None, help="Sub-models evaluated per iteration (default 200)."),
@@ -95,6 +96,19 @@ def prune_cmd(
     device_map: str | None = typer.Option(None, "--device-map",
                                           help="accelerate placement (e.g. auto) for models larger than one device."),
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save state every N sub-models (default 10)."),
+    sparsity_type: str | None = typer.Option(None, "--sparsity-type", help="wanda: unstructured | 2:4 | 4:8."),
+    llmp_importance: str | None = typer.Option(None, "--llmp-importance",
+                                               help="llm-pruner: vector | element1 (default) | element2."),
+    llmp_aggregation: str | None = typer.Option(None, "--llmp-aggregation", help="llm-pruner: sum | prod | max | last."),
+    llmp_layer_start: int | None = typer.Option(None, "--llmp-layer-start", help="llm-pruner: first layer pruned."),
+    llmp_layer_end: int | None = typer.Option(None, "--llmp-layer-end", help="llm-pruner: layer after the last pruned."),
+    global_ranking: bool = typer.Option(False, "--global", help="llm-pruner: one global ranking instead of uniform."),
+    besa_granularity: str | None = typer.Option(None, "--besa-granularity", help="besa: layer | row."),
+    besa_levels: int | None = typer.Option(None, "--besa-levels", help="besa: candidate sparsity levels D (100)."),
+    besa_epochs: int | None = typer.Option(None, "--besa-epochs", help="besa: epochs per block (1)."),
+    besa_lr: float | None = typer.Option(None, "--besa-lr", help="besa: learning rate of the sparsity logits."),
+    besa_penalty: float | None = typer.Option(None, "--besa-penalty", help="besa: weight of the sparsity penalty."),
+    besa_wbits: int | None = typer.Option(None, "--besa-wbits", help="besa: joint fake-quantisation to N bits."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     processes: int = typer.Option(1, "--processes", min=1,
                                   help="Processes sharing the sub-model evaluations (one replica each; a GPU each "
@@ -106,16 +120,26 @@ def prune_cmd(
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(processes)
     _quiet_transformers()
-    from bonsai.prune.config import build_config
+    from bonsai.prune.config import BASELINE_METHODS, build_config
     from bonsai.prune.runner import PruneRun
 
     overrides = dict(model=model, sparsity=sparsity, method=method, prior=prior, p_iter=p_iter, samples=samples,
                      calib=calib, calib_samples=calib_samples, seqlen=seqlen, batch_size=batch_size,
                      regression=regression, units=units, seed=seed, dtype=dtype, device=device,
-                     device_map=device_map, checkpoint_every=checkpoint_every)
+                     device_map=device_map, checkpoint_every=checkpoint_every, sparsity_type=sparsity_type,
+                     llmp_importance=llmp_importance, llmp_aggregation=llmp_aggregation,
+                     llmp_layer_start=llmp_layer_start, llmp_layer_end=llmp_layer_end,
+                     global_ranking=global_ranking or None, besa_granularity=besa_granularity, besa_levels=besa_levels,
+                     besa_epochs=besa_epochs, besa_lr=besa_lr, besa_penalty=besa_penalty, besa_wbits=besa_wbits)
     cfg = build_config(config, overrides)
     if model is None and config is None:
         raise BonsaiError("--model is required (or a --config that names one)")
+    if cfg.method in BASELINE_METHODS:
+        from bonsai.baselines.runner import BaselineRun
+
+        report = BaselineRun(cfg, out, force=force).run()
+        _print_baseline(report, out)
+        return
     run = PruneRun(cfg, out, force=force)
     report = run.run()
     if run.dist.is_main:
@@ -223,6 +247,17 @@ def _print_prune(report: dict, out: Path) -> None:
     console.print(f"block sparsity {t['sparsity']:.4f} (target {t['target_sparsity']}), "
                   f"all parameters {t['params_before']:,} -> {t['params_after']:,}, "
                   f"{t['wall_seconds']:.0f}s, peak memory {t['peak_memory_bytes'] / 2**20:.0f} MiB")
+
+
+def _print_baseline(report: dict, out: Path) -> None:
+    from bonsai.progress import out_console as console
+
+    t = report["totals"]
+    kind = "block sparsity" if report["structured"] else "block-linear weight sparsity"
+    console.print(f"pruned {report['model']} with {report['method']} -> {out}")
+    console.print(f"{kind} {t['sparsity']:.4f} (target {t['target_sparsity']}), parameters {t['params_before']:,} -> "
+                  f"{t['params_after']:,} ({t['nonzero_params_after']:,} non-zero), {t['wall_seconds']:.0f}s, "
+                  f"peak memory {t['peak_memory_bytes'] / 2**20:.0f} MiB")
 
 
 def _print_ppl(result: dict) -> None:

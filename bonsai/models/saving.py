@@ -64,9 +64,11 @@ def atomic_replace(tmp: Path, out: Path) -> None:
 
 
 def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, overwrite: bool = True,
-                extra_files: dict[str, Path] | None = None) -> Path:
+                extra_files: dict[str, Path] | None = None, structured: bool = True) -> Path:
     """Write safetensors weights, a config with the pruning plan, tokenizer files and the modeling file.
 
+    `structured=False` (weights zeroed in place, shapes unchanged) writes a plain checkpoint that loads
+    anywhere, unless the model already carries a plan from an earlier structured pruning.
     Everything goes to a temporary sibling folder first, renamed into place when complete, so an
     interrupted save never leaves a half-written model at `out_dir`.
     """
@@ -75,8 +77,10 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, overwrite: boo
         raise BonsaiError(f"output folder {out} already exists")
     adapter = get_adapter(model)
     config = model.config
-    setattr(config, PLAN_KEY, record_plan(adapter))
-    config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.BonsaiForCausalLM"}
+    plan = structured or getattr(config, PLAN_KEY, None) is not None
+    if plan:
+        setattr(config, PLAN_KEY, record_plan(adapter))
+        config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.BonsaiForCausalLM"}
     config.architectures = [adapter.causal_lm_class]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -84,7 +88,8 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, overwrite: boo
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / MODELING_FILE).write_text(modeling_source(adapter.causal_lm_class))
+        if plan:
+            (tmp / MODELING_FILE).write_text(modeling_source(adapter.causal_lm_class))
         for name, src in (extra_files or {}).items():
             src = Path(src)
             if src.is_dir():

@@ -10,7 +10,15 @@ import yaml
 from bonsai.errors import BonsaiError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
-METHODS = ("bonsai", "prior-only", "no-regression", "random")
+BONSAI_METHODS = ("bonsai", "prior-only", "no-regression", "random")
+BASELINE_METHODS = ("wanda", "llm-pruner", "besa")
+METHODS = BONSAI_METHODS + BASELINE_METHODS
+# Each baseline's own calibration defaults (used unless the preset or a flag sets them).
+METHOD_DEFAULTS = {
+    "wanda": {"calib_samples": 128},  # Wanda: 128 x 2048 tokens (of C4 in the paper; --calib c4)
+    "besa": {"calib_samples": 128},  # BESA: 128 x 2048 tokens of C4, 1 epoch
+    "llm-pruner": {"calib_samples": 10, "seqlen": 128},  # LLM-Pruner: 10 samples of 128 tokens
+}
 PRIOR_NAMES = ("wanda", "activation", "magnitude", "uniform")
 UNIT_KINDS = ("attention", "mlp")
 
@@ -37,6 +45,21 @@ class PruneConfig:
     device: str = "auto"
     device_map: str | None = None
     checkpoint_every: int = 10
+    # --- Wanda / BESA (unstructured baselines)
+    sparsity_type: str = "unstructured"
+    # --- LLM-Pruner
+    llmp_importance: str = "element1"
+    llmp_aggregation: str = "sum"
+    llmp_layer_start: int | None = None
+    llmp_layer_end: int | None = None
+    global_ranking: bool = False
+    # --- BESA
+    besa_granularity: str = "layer"
+    besa_levels: int = 100
+    besa_epochs: int = 1
+    besa_lr: float = 1e-2
+    besa_penalty: float = 5.0
+    besa_wbits: int | None = None
 
     @property
     def unit_kinds(self) -> tuple[str, ...]:
@@ -64,9 +87,32 @@ class PruneConfig:
             raise BonsaiError(f"--seqlen must be at least 2 (got {self.seqlen})")
         if self.batch_size < 1:
             raise BonsaiError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.method in BASELINE_METHODS:
+            self._validate_baseline()
         if self.cv_folds < 2:
             raise BonsaiError(f"cv_folds must be at least 2 (got {self.cv_folds})")
         return self
+
+    def _validate_baseline(self) -> None:
+        from bonsai.baselines.llm_pruner import AGGREGATIONS, IMPORTANCES
+        from bonsai.baselines.wanda import parse_sparsity_type
+
+        if self.method in ("wanda", "besa"):
+            parse_sparsity_type(self.sparsity_type, self.sparsity)
+        if self.method == "besa" and self.sparsity_type != "unstructured":
+            raise BonsaiError("BESA learns unstructured per-layer sparsities; --sparsity-type must be unstructured")
+        if self.method == "llm-pruner":
+            if self.llmp_importance not in IMPORTANCES:
+                raise BonsaiError(f"unknown --llmp-importance {self.llmp_importance!r}: choose from {', '.join(IMPORTANCES)}")
+            if self.llmp_aggregation not in AGGREGATIONS:
+                raise BonsaiError(f"unknown --llmp-aggregation {self.llmp_aggregation!r}: "
+                                  f"choose from {', '.join(AGGREGATIONS)}")
+        if self.besa_granularity not in ("layer", "row"):
+            raise BonsaiError(f"--besa-granularity must be layer or row (got {self.besa_granularity!r})")
+        if self.besa_levels < 2 or self.besa_epochs < 1 or self.besa_lr <= 0 or self.besa_penalty < 0:
+            raise BonsaiError("--besa-levels >= 2, --besa-epochs >= 1, --besa-lr > 0 and --besa-penalty >= 0 are required")
+        if self.besa_wbits is not None and not 2 <= self.besa_wbits <= 8:
+            raise BonsaiError(f"--besa-wbits must be between 2 and 8 (got {self.besa_wbits})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,4 +153,6 @@ def build_config(config_file: str | None, overrides: dict) -> PruneConfig:
     """Defaults, then the YAML preset, then every CLI flag the user actually gave."""
     values = load_config_file(config_file) if config_file else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in METHOD_DEFAULTS.get(values.get("method", "bonsai"), {}).items():
+        values.setdefault(key, value)
     return PruneConfig(**values).validate()

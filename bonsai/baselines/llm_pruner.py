@@ -1,0 +1,138 @@
+"""LLM-Pruner (Ma et al., 2023): structured pruning by gradient (Taylor) importance of coupled groups.
+
+Discovery: the coupled groups are bonsai's units, from the adapters: an attention unit (under GQA a
+key/value group with its query heads) owns rows of q/k/v and columns of the output projection; an MLP
+channel owns rows of gate/up (fc1) and a column of down (fc2).
+Estimation, per weight element w with gradient g of the calibration LM loss:
+  vector   : |sum_{structure} g*w|                         (vector-wise, first order)
+  element1 : sum_{structure} |g*w|                          (element-wise, first order; LLM-Pruner's default)
+  element2 : sum_{structure} |g*w - 1/2 F w^2|              (with the Fisher diagonal F = mean_j g_j^2 over
+                                                             calibration samples j, the second-order term)
+then aggregated over the structures of a group by sum, prod, max or last (the output projection).
+Pruning: a uniform ratio per layer over a layer range (by default the first and last layers are kept),
+or one global ranking counting real parameters (`--global`).
+
+This needs backward passes: gradients of every block weight (and, for element2, a Fisher buffer of the
+same size) are held at once, which is the memory Bonsai avoids; `report.json` records the peak.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bonsai.adapters import GroupKey
+from bonsai.adapters.base import ArchAdapter
+from bonsai.errors import BonsaiError
+
+IMPORTANCES = ("vector", "element1", "element2")
+AGGREGATIONS = ("sum", "prod", "max", "last")
+
+
+def default_layer_range(num_layers: int) -> tuple[int, int]:
+    """LLM-Pruner's LLaMA-7B setting [4, 30) of 32 layers, scaled; always keeps the first and last layer."""
+    start = max(1, round(num_layers * 4 / 32))
+    end = min(num_layers - 1, round(num_layers * 30 / 32))
+    if end <= start:
+        start, end = 0, num_layers
+    return start, end
+
+
+def _mean_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    logits = model(batch, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def gradients(model, weights: list[torch.nn.Parameter], windows: torch.Tensor, batch_size: int,
+              fisher: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Gradient of the mean LM loss over all windows, and optionally the Fisher diagonal mean_j g_j^2
+    with g_j the gradient of window j's own mean loss."""
+    device = next(model.parameters()).device
+    n = windows.shape[0]
+    fish = None
+    if fisher:
+        fish = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+        for j in range(n):
+            grads = torch.autograd.grad(_mean_loss(model, windows[j:j + 1].to(device)), weights)
+            for acc, g in zip(fish, grads, strict=True):
+                acc.add_(g.float().pow(2), alpha=1.0 / n)
+    total = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    for start in range(0, n, batch_size):
+        batch = windows[start:start + batch_size].to(device)
+        grads = torch.autograd.grad(_mean_loss(model, batch) * (batch.shape[0] / n), weights)
+        for acc, g in zip(total, grads, strict=True):
+            acc.add_(g.float())
+    return total, fish
+
+
+def structure_scores(weight: torch.Tensor, grad: torch.Tensor, fisher: torch.Tensor | None, dim: int, width: int,
+                     importance: str) -> torch.Tensor:
+    """One score per unit for one weight: the unit owns `width` consecutive slices along `dim`."""
+    w = weight.detach().float()
+    gw = grad * w
+    if importance == "vector":
+        per_elem, reduce_abs = gw, True
+    elif importance == "element1":
+        per_elem, reduce_abs = gw.abs(), False
+    else:
+        per_elem, reduce_abs = (gw - 0.5 * fisher * w * w).abs(), False
+    if dim == 1:
+        per_elem = per_elem.t()
+    per_unit = per_elem.reshape(per_elem.shape[0] // width, -1).sum(1)
+    return per_unit.abs() if reduce_abs else per_unit
+
+
+def aggregate(scores: list[torch.Tensor], how: str) -> torch.Tensor:
+    stacked = torch.stack(scores)
+    if how == "sum":
+        return stacked.sum(0)
+    if how == "prod":
+        return stacked.double().prod(0).float()
+    if how == "max":
+        return stacked.max(0).values
+    return stacked[-1]  # last: the output projection, the last structure executed
+
+
+def group_importance(model, adapter: ArchAdapter, keys: list[GroupKey], windows: torch.Tensor, batch_size: int,
+                     importance: str, aggregation: str) -> dict[GroupKey, np.ndarray]:
+    """Importance of every unit of `keys` (higher = keep)."""
+    if importance not in IMPORTANCES:
+        raise BonsaiError(f"unknown --llmp-importance {importance!r}: choose from {', '.join(IMPORTANCES)}")
+    if aggregation not in AGGREGATIONS:
+        raise BonsaiError(f"unknown --llmp-aggregation {aggregation!r}: choose from {', '.join(AGGREGATIONS)}")
+    triples = {key: adapter.unit_weights(key) for key in keys}
+    weights = list({id(w): w for ts in triples.values() for w, _, _ in ts}.values())
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        grads, fisher = gradients(model, weights, windows, batch_size, importance == "element2")
+    finally:
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+    index = {id(w): i for i, w in enumerate(weights)}
+    out = {}
+    with torch.no_grad():
+        for key, ts in triples.items():
+            per = [structure_scores(w, grads[index[id(w)]], None if fisher is None else fisher[index[id(w)]],
+                                    dim, width, importance) for w, dim, width in ts]
+            out[key] = aggregate(per, aggregation).cpu().numpy().astype(np.float64)
+    return out
+
+
+def uniform_removals(importance: dict[GroupKey, np.ndarray], adapter: ArchAdapter, target_params: float
+                     ) -> dict[GroupKey, np.ndarray]:
+    """The same fraction r of units in every group, r chosen so that the removed parameters reach the target."""
+    prunable = sum(adapter.group_size(k) * adapter.params_per_unit(k) for k in importance)
+    ratio = target_params / prunable
+    if ratio >= 1:
+        raise BonsaiError("the target sparsity needs more than every unit of the pruned layer range; "
+                          "lower --sparsity or widen --llmp-layer-start/--llmp-layer-end")
+    drops = {}
+    for key, scores in importance.items():
+        n = int(round(ratio * len(scores)))
+        drops[key] = np.argsort(scores, kind="stable")[:n]
+    return drops

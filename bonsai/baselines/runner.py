@@ -1,0 +1,199 @@
+"""`bonsai prune --method wanda|llm-pruner|besa`: same data, saving, report and CLI as Bonsai.
+
+These are single-pass methods (minutes for Wanda and LLM-Pruner); BESA checkpoints after every block.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bonsai.adapters import get_adapter
+from bonsai.errors import BonsaiError
+from bonsai.io import write_json_atomic
+from bonsai.progress import console, make_progress
+from bonsai.prune.config import PruneConfig
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def linear_zero_fraction(adapter) -> tuple[int, int]:
+    """(zeros, weights) over the block linears the adapter lists."""
+    from bonsai.baselines.layerwise import block_linears
+
+    zeros = total = 0
+    for block in adapter.layers():
+        for lin in block_linears(block, adapter.linear_names).values():
+            zeros += int((lin.weight == 0).sum())
+            total += lin.weight.numel()
+    return zeros, total
+
+
+class BaselineRun:
+    def __init__(self, cfg: PruneConfig, out_dir: str | Path, force: bool = False, model=None, tokenizer=None):
+        from bonsai.eval.runner import default_seqlen
+        from bonsai.models.loading import load_model, load_tokenizer
+        from bonsai.runtime import resolve_device
+
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.state_dir = self.out / ".bonsai"
+        self.resuming = False
+        if self.out.exists():
+            if force:
+                shutil.rmtree(self.out)
+            elif cfg.method == "besa" and (self.state_dir / "besa-run.json").exists():
+                self.resuming = True  # BESA resumes block by block
+            else:
+                raise BonsaiError(f"output folder {self.out} already exists; pass --force to replace it")
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+        self.model = model if model is not None else load_model(cfg.model, dtype=cfg.dtype,
+                                                                 device=str(resolve_device(cfg.device)),
+                                                                 device_map=cfg.device_map)
+        self.adapter = get_adapter(self.model)
+        self.device = next(self.model.parameters()).device
+        self.seqlen = default_seqlen(self.model.config, cfg.seqlen)
+
+    def run(self) -> dict:
+        from bonsai.data import calibration_windows
+
+        cfg = self.cfg
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.time()
+        windows = calibration_windows(self.tokenizer, cfg.calib, cfg.calib_samples, self.seqlen, seed=cfg.seed)
+        block_before = self.adapter.block_parameters()
+        total_before = sum(p.numel() for p in self.model.parameters())
+        with make_progress() as progress:
+            if cfg.method == "wanda":
+                details, structured = self._wanda(windows, progress), False
+            elif cfg.method == "llm-pruner":
+                details, structured = self._llm_pruner(windows, block_before), True
+            else:
+                details, structured = self._besa(windows, progress), False
+        zeros, linear_weights = linear_zero_fraction(self.adapter)
+        block_after = self.adapter.block_parameters()
+        total_after = sum(p.numel() for p in self.model.parameters())
+        report = {
+            "model": cfg.model,
+            "method": cfg.method,
+            "settings": {k: v for k, v in cfg.to_dict().items() if _relevant(cfg.method, k)},
+            "seqlen": self.seqlen,
+            "calibration_windows": int(windows.shape[0]),
+            "structured": structured,
+            "totals": {
+                "target_sparsity": cfg.sparsity,
+                # structured: block parameters removed; unstructured: block-linear weights set to zero
+                "sparsity": 1 - block_after / block_before if structured else zeros / linear_weights,
+                "linear_weight_sparsity": zeros / linear_weights,
+                "block_params_before": block_before,
+                "block_params_after": block_after,
+                "params_before": total_before,
+                "params_after": total_after,
+                "nonzero_params_after": int(sum(int((p != 0).sum()) for p in self.model.parameters())),
+                "wall_seconds": time.time() - start + getattr(self, "elapsed_before", 0.0),
+                "peak_memory_bytes": _peak_memory(self.device),
+            },
+            **details,
+        }
+        self._save(report, structured)
+        return report
+
+    # ---- methods -------------------------------------------------------------------------------
+    def _wanda(self, windows, progress) -> dict:
+        from bonsai.baselines.wanda import prune_wanda
+
+        per_layer = prune_wanda(self.model, self.adapter, windows, self.cfg.sparsity, self.cfg.sparsity_type,
+                                self.cfg.batch_size, progress)
+        return {"layer_sparsity": [float(np.mean(list(d.values()))) for d in per_layer], "linear_sparsity": per_layer}
+
+    def _llm_pruner(self, windows, block_before: int) -> dict:
+        from bonsai.adapters import GroupKey
+        from bonsai.baselines.llm_pruner import default_layer_range, group_importance, uniform_removals
+        from bonsai.prune.selection import select_removals
+
+        cfg, adapter = self.cfg, self.adapter
+        start, end = default_layer_range(adapter.num_layers)
+        start = cfg.llmp_layer_start if cfg.llmp_layer_start is not None else start
+        end = cfg.llmp_layer_end if cfg.llmp_layer_end is not None else end
+        if not 0 <= start < end <= adapter.num_layers:
+            raise BonsaiError(f"layer range [{start}, {end}) is not within the model's {adapter.num_layers} layers")
+        keys = [k for k in adapter.groups(cfg.unit_kinds) if start <= k.layer < end]
+        console.print(f"LLM-Pruner: {cfg.llmp_importance} Taylor importance, {cfg.llmp_aggregation} aggregation, "
+                      f"layers [{start}, {end}), {'global' if cfg.global_ranking else 'uniform per-layer'} ranking")
+        importance = group_importance(self.model, adapter, keys, windows, cfg.batch_size, cfg.llmp_importance,
+                                      cfg.llmp_aggregation)
+        target = cfg.sparsity * block_before
+        if cfg.global_ranking:
+            flat = np.concatenate([importance[k] for k in keys])
+            params = np.concatenate([np.full(len(importance[k]), adapter.params_per_unit(k)) for k in keys])
+            if target > params.sum():
+                raise BonsaiError("the target sparsity needs more than every unit of the pruned layer range")
+            drop = select_removals(flat, np.zeros_like(flat), params, target)
+            offsets = np.cumsum([0] + [len(importance[k]) for k in keys])
+            drops = {k: drop[(drop >= offsets[j]) & (drop < offsets[j + 1])] - offsets[j] for j, k in enumerate(keys)}
+        else:
+            drops = uniform_removals(importance, adapter, target)
+        kept = {}
+        for key in keys:
+            removed = set(drops[key].tolist())
+            keep = [u for u in range(adapter.group_size(key)) if u not in removed]
+            if len(keep) < adapter.group_size(key):
+                adapter.slice(key, torch.tensor(keep, dtype=torch.long))
+            kept[str(key)] = keep
+        return {
+            "layer_range": [start, end],
+            "attention_units": [adapter.group_size(GroupKey(i, "attention")) for i in range(adapter.num_layers)],
+            "mlp_units": [adapter.group_size(GroupKey(i, "mlp")) for i in range(adapter.num_layers)],
+            "kept_units": kept,
+        }
+
+    def _besa(self, windows, progress) -> dict:
+        from bonsai.baselines.besa import prune_besa
+
+        return prune_besa(self, windows, progress)
+
+    # ---- output ----------------------------------------------------------------------------------
+    def _save(self, report: dict, structured: bool) -> None:
+        from bonsai.models.saving import save_pruned
+
+        staging = self.out.with_name(f".{self.out.name}.report")
+        staging.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(staging / "report.json", report)
+        extra = {"report.json": staging / "report.json"}
+        if "layer_sparsity" in report:
+            try:
+                from bonsai.baselines.plots import plot_layer_sparsity
+
+                plot_layer_sparsity(report, staging / "report.png")
+                extra["report.png"] = staging / "report.png"
+            except Exception as exc:  # a plot must never lose a finished run
+                console.print(f"[yellow]could not draw report.png: {exc}")
+        try:
+            save_pruned(self.model, self.tokenizer, self.out, overwrite=True, extra_files=extra, structured=structured)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+_SHARED = {"model", "sparsity", "method", "calib", "calib_samples", "seqlen", "batch_size", "seed", "dtype", "device",
+           "device_map", "units"}
+
+
+def _relevant(method: str, key: str) -> bool:
+    if key in _SHARED:
+        return key != "units" or method == "llm-pruner"
+    if method == "wanda":
+        return key == "sparsity_type"
+    if method == "llm-pruner":
+        return key.startswith("llmp_") or key == "global_ranking"
+    return key.startswith("besa_")

@@ -1,0 +1,66 @@
+"""`bonsai prune --method wanda|llm-pruner` end to end: outputs reload (stock transformers for Wanda) and evaluate."""
+
+import json
+
+import pytest
+import torch
+
+from bonsai.adapters import get_adapter
+from bonsai.baselines.layerwise import block_linears
+from bonsai.cli import main
+from bonsai.eval.runner import run_perplexity
+from bonsai.models.loading import load_model
+
+pytestmark = pytest.mark.integration
+
+
+def cli(monkeypatch, *args):
+    monkeypatch.setattr("sys.argv", ["bonsai", *args])
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+
+
+def test_wanda_2_4_cli_dense_checkpoint_loads_anywhere(monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "w24"
+    cli(monkeypatch, "prune", "--model", "tiny", "--method", "wanda", "--sparsity-type", "2:4", "--sparsity", "0.5",
+        "--calib", "kjv", "--calib-samples", "8", "--seqlen", "64", "--out", str(out))
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "wanda" and report["settings"]["sparsity_type"] == "2:4" and not report["structured"]
+    assert report["totals"]["sparsity"] == 0.5 and len(report["layer_sparsity"]) == 6
+    config = json.loads((out / "config.json").read_text())
+    assert "bonsai_plan" not in config and "auto_map" not in config and not (out / "modeling_bonsai.py").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)  # stock class, no remote code
+    adapter = get_adapter(model)
+    for block in adapter.layers():
+        for lin in block_linears(block, adapter.linear_names).values():
+            assert ((lin.weight == 0).view(lin.out_features, -1, 4).sum(2) == 2).all()
+    parent = run_perplexity("kjv", "tiny", seqlen=128, max_windows=8)["ppl"]
+    pruned = run_perplexity("kjv", str(out), seqlen=128, max_windows=8)["ppl"]
+    assert parent < pruned < 3 * parent
+
+
+@pytest.mark.parametrize("extra", [[], ["--global", "--llmp-importance", "element2", "--llmp-aggregation", "max"]])
+def test_llm_pruner_cli_reloads_and_evaluates(monkeypatch, tmp_path, random_checkpoints, extra):
+    out = tmp_path / "lp"
+    src = str(random_checkpoints["mistral"])  # GQA: whole key/value groups are removed
+    cli(monkeypatch, "prune", "--model", src, "--method", "llm-pruner", "--sparsity", "0.2", "--calib", "kjv",
+        "--llmp-layer-start", "0", "--llmp-layer-end", "3", "--out", str(out), *extra)
+    report = json.loads((out / "report.json").read_text())
+    assert report["structured"] and report["calibration_windows"] == 10 and report["seqlen"] == 128
+    assert abs(report["totals"]["sparsity"] - 0.2) < 0.1
+    assert report["settings"]["global_ranking"] == bool(extra)
+    model = load_model(str(out), device="cpu")
+    adapter = get_adapter(model)
+    assert [adapter.attention(i).units for i in range(adapter.num_layers)] == report["attention_units"]
+    for i in range(adapter.num_layers):
+        att = adapter.attention(i)
+        assert att.q.out_features == att.units * att.queries_per_kv * att.head_dim
+    assert adapter.block_parameters() == report["totals"]["block_params_after"]
+    ids = torch.randint(0, 4000, (1, 32))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    assert run_perplexity("kjv", str(out), seqlen=64, max_windows=2)["ppl"] > 1

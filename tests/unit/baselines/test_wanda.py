@@ -52,7 +52,7 @@ def _reference_wanda(model, windows, sparsity, n_m):
         linears = block_linears(block, adapter.linear_names)
         sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
 
-        def hook(mod, args, n):
+        def hook(mod, args, n, sums=sums):
             sums[n].add_(args[0].reshape(-1, args[0].shape[-1]).double().pow(2).sum(0))
 
         hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in linears.items()]

@@ -15,8 +15,8 @@ BASELINE_METHODS = ("wanda", "llm-pruner", "besa")
 METHODS = BONSAI_METHODS + BASELINE_METHODS
 # Each baseline's own calibration defaults (used unless the preset or a flag sets them).
 METHOD_DEFAULTS = {
-    "wanda": {"calib_samples": 128},  # Wanda: 128 x 2048 tokens (of C4 in the paper; --calib c4)
-    "besa": {"calib_samples": 128},  # BESA: 128 x 2048 tokens of C4, 1 epoch
+    "wanda": {"calib": "c4", "calib_samples": 128},  # Wanda: 128 x 2048 tokens of C4
+    "besa": {"calib": "c4", "calib_samples": 128},  # BESA: 128 x 2048 tokens of C4, 1 epoch
     "llm-pruner": {"calib_samples": 10, "seqlen": 128},  # LLM-Pruner: 10 samples of 128 tokens
 }
 PRIOR_NAMES = ("wanda", "activation", "magnitude", "uniform")
@@ -54,10 +54,10 @@ class PruneConfig:
     llmp_layer_end: int | None = None
     global_ranking: bool = False
     # --- BESA
-    besa_granularity: str = "layer"
+    besa_granularity: str = "row"
     besa_levels: int = 100
     besa_epochs: int = 1
-    besa_lr: float = 1e-2
+    besa_lr: float = 5e-2
     besa_penalty: float = 5.0
     besa_wbits: int | None = None
 

@@ -1,0 +1,247 @@
+"""BESA (Xu et al., 2024): blockwise reconstruction with learned per-layer (or per-row) sparsity.
+
+For each transformer block in turn, on calibration hidden states of the *dense* model:
+- every weight row is ranked by an importance metric (Wanda's |W_ij|*||X_j||, as in BESA);
+- each linear (or each row: `--besa-granularity row`) has logits beta over D candidate sparsities
+  p_d = d/D; pi = softmax(beta) gives the expected sparsity alpha = sum_d pi_d p_d and a soft mask,
+  P(keep the weight of rank r) = sum_{d: p_d*C <= r} pi_d, while the forward pass uses the hard mask
+  "prune the alpha*C lowest-ranked weights of each row"; the straight-through estimator
+  (hard + soft - soft.detach()) passes the gradient to beta;
+- the loss is the MSE between the masked and the dense block outputs plus
+  penalty * (expected block sparsity - target)^2, the expected sparsity weighting each linear by its size;
+- after learning, the allocation is rescaled so the block's sparsity equals the target, and the weights
+  are zeroed (optionally fake-quantised jointly: `--besa-wbits`, learnable clipping per row).
+Only one block and its calibration activations are in memory; the dense outputs feed the next block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.func import functional_call
+
+from bonsai.baselines.layerwise import (
+    BlockInputs,
+    InputNorms,
+    block_linears,
+    block_outputs,
+    capture_block_inputs,
+    run_block,
+)
+from bonsai.baselines.wanda import wanda_scores
+from bonsai.errors import BonsaiError
+from bonsai.io import write_json_atomic
+
+ABORT_ENV = "BONSAI_ABORT_AFTER_BLOCKS"
+
+
+@dataclass
+class LayerSparsity:
+    """Learnable sparsity of one linear: logits (D,) per layer or (rows, D) per row, and the row ranks."""
+
+    logits: torch.nn.Parameter
+    ranks: torch.Tensor  # (rows, cols) rank of each weight in its row, 0 = least important
+    levels: torch.Tensor  # (D,) candidate sparsities d/D
+    clip: torch.nn.Parameter | None = None  # per-row learnable clipping (joint quantisation)
+
+    @property
+    def cols(self) -> int:
+        return self.ranks.shape[1]
+
+    def expected(self) -> torch.Tensor:
+        """alpha per layer () or per row (rows,)."""
+        return torch.softmax(self.logits, -1) @ self.levels
+
+    def soft_keep(self) -> torch.Tensor:
+        """P(keep) of every weight under pi: sum of pi_d over the levels that keep its rank."""
+        cum = torch.softmax(self.logits, -1).cumsum(-1)  # cum[d] = P(level <= d)
+        count = torch.clamp(torch.div(self.ranks * len(self.levels), self.cols, rounding_mode="floor"),
+                            max=len(self.levels) - 1)  # levels d with d/D*C <= r: d <= floor(r*D/C)
+        if cum.dim() == 1:
+            return cum[count]
+        return cum.gather(1, count)
+
+    def hard_keep(self, alpha: torch.Tensor) -> torch.Tensor:
+        threshold = (alpha * self.cols).round()
+        threshold = threshold[:, None] if threshold.dim() == 1 else threshold
+        return (self.ranks >= threshold).to(self.logits.dtype)
+
+    def mask(self) -> torch.Tensor:
+        soft = self.soft_keep()
+        return self.hard_keep(self.expected().detach()) + (soft - soft.detach())  # exactly the hard mask in value
+
+
+def fake_quantise(w: torch.Tensor, bits: int, clip: torch.Tensor) -> torch.Tensor:
+    """Asymmetric per-row min-max quantisation with learnable clipping (sigmoid) and a straight-through round."""
+    c = torch.sigmoid(clip)[:, None]
+    hi, lo = w.amax(1, keepdim=True) * c, w.amin(1, keepdim=True) * c
+    levels = 2 ** bits - 1
+    scale = ((hi - lo) / levels).clamp(min=1e-8)
+    zero = (-lo / scale).round().detach()
+    q = w / scale
+    q = q + (q.round() - q).detach()
+    return (torch.clamp(q + zero, 0, levels) - zero) * scale
+
+
+def init_logits(target: float, levels: torch.Tensor, rows: int | None) -> torch.nn.Parameter:
+    """Start near the target so that the first forward is a uniform (Wanda-like) allocation."""
+    base = -((levels - target) / 0.05) ** 2
+    base = base - base.max()
+    return torch.nn.Parameter(base.clone() if rows is None else base.repeat(rows, 1))
+
+
+def _masked_params(linears: dict, state: dict[str, LayerSparsity], bits: int | None, hard_alpha: dict | None = None):
+    params = {}
+    for name, lin in linears.items():
+        s = state[name]
+        m = s.mask() if hard_alpha is None else s.hard_keep(hard_alpha[name])
+        w = lin.weight
+        if bits is not None:
+            w = fake_quantise(w.float(), bits, s.clip).to(w.dtype)
+        params[f"{name}.weight"] = w * m.to(w.dtype)
+    return params
+
+
+def _block_mse(block, inputs: BlockInputs, targets: list[torch.Tensor], params: dict) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for h, kw, y in zip(inputs.hidden, inputs.kwargs, targets, strict=True):
+            out = functional_call(block, params, (h,), kw) if params else run_block(block, h, kw)
+            out = out[0] if isinstance(out, tuple) else out
+            total += F.mse_loss(out.float(), y.float(), reduction="sum").item()
+            count += y.numel()
+    return total / count
+
+
+def rescale_to_target(alphas: dict[str, torch.Tensor], sizes: dict[str, int], target: float) -> dict[str, torch.Tensor]:
+    """Multiply the learned sparsities by one factor (bisection, with clipping to [0, 0.99]) so that the
+    size-weighted sparsity of the block equals the target."""
+    total = sum(sizes.values())
+
+    def overall(c: float) -> float:
+        return sum((alphas[n] * c).clamp(0, 0.99).mean().item() * sizes[n] for n in alphas) / total
+
+    lo, hi = 0.0, 1.0
+    while overall(hi) < target and hi < 1e6:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if overall(mid) < target else (lo, mid)
+    return {n: (a * hi).clamp(0, 0.99) for n, a in alphas.items()}
+
+
+def prune_besa(run, windows: torch.Tensor, progress=None) -> dict:
+    """Prune every block of `run.model` in place; returns the report details (resumable per block)."""
+    cfg, adapter, model = run.cfg, run.adapter, run.model
+    state_dir = run.state_dir
+    layers = adapter.layers()
+    state_file = state_dir / "besa-run.json"
+    saved = {"fingerprint": cfg.fingerprint(), "blocks": []}
+    if run.resuming:
+        saved = json.loads(state_file.read_text())
+        if saved["fingerprint"] != cfg.fingerprint():
+            raise BonsaiError(f"{run.out} holds a BESA run with other settings; pass --force to replace it")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(state_file, saved)
+    run.elapsed_before = sum(b["seconds"] for b in saved["blocks"])
+    inputs = capture_block_inputs(model, layers, windows, cfg.batch_size)
+    levels = torch.arange(cfg.besa_levels, dtype=torch.float32) / cfg.besa_levels
+    task = progress.add_task("besa blocks", total=len(layers), completed=len(saved["blocks"]),
+                             info=f"{cfg.besa_granularity}") if progress else None
+    abort_after = int(os.environ.get(ABORT_ENV, "0"))
+    for i, block in enumerate(layers):
+        targets = block_outputs(block, inputs)  # dense outputs: the reconstruction target and the next input
+        if i < len(saved["blocks"]):  # done by an earlier process: restore its pruned weights
+            weights = load_file(str(state_dir / f"besa-block-{i}.safetensors"))
+            with torch.no_grad():
+                for name, lin in block_linears(block, adapter.linear_names).items():
+                    lin.weight.copy_(weights[name].to(lin.weight.device, lin.weight.dtype))
+        else:
+            start = time.time()
+            result = _learn_block(block, adapter, inputs, targets, levels, cfg, progress)
+            result["seconds"] = time.time() - start
+            linears = block_linears(block, adapter.linear_names)
+            save_file({n: lin.weight.detach().cpu().contiguous() for n, lin in linears.items()},
+                      str(state_dir / f"besa-block-{i}.safetensors"))
+            saved["blocks"].append(result)
+            write_json_atomic(state_file, saved)
+            if abort_after and len(saved["blocks"]) >= abort_after:
+                os._exit(75)  # simulated crash after a block's checkpoint, for the resume test
+        inputs.hidden = targets
+        if task is not None:
+            progress.advance(task)
+    blocks = saved["blocks"]
+    return {
+        "layer_sparsity": [b["sparsity"] for b in blocks],
+        "linear_sparsity": [b["linear_sparsity"] for b in blocks],
+        "reconstruction": [{"block": j, "mse_uniform": b["mse_uniform"], "mse_learned": b["mse_learned"],
+                            "loss_first_epoch": b["loss_first_epoch"], "loss_last_epoch": b["loss_last_epoch"]}
+                           for j, b in enumerate(blocks)],
+    }
+
+
+def _learn_block(block, adapter, inputs: BlockInputs, targets, levels, cfg, progress) -> dict:
+    linears = block_linears(block, adapter.linear_names)
+    norms = InputNorms(linears)
+    block_outputs(block, inputs)
+    norms.remove()
+    device = next(block.parameters()).device
+    levels = levels.to(device)
+    state: dict[str, LayerSparsity] = {}
+    for name, lin in linears.items():
+        score = wanda_scores(lin.weight, norms.norms()[name])
+        ranks = score.argsort(1).argsort(1)  # rank of each weight within its row
+        rows = lin.out_features if cfg.besa_granularity == "row" else None
+        clip = torch.nn.Parameter(torch.full((lin.out_features,), 4.0, device=device)) if cfg.besa_wbits else None
+        state[name] = LayerSparsity(init_logits(cfg.sparsity, levels, rows).to(device), ranks, levels, clip)
+    for p in block.parameters():
+        p.requires_grad_(False)
+    sizes = {n: lin.weight.numel() for n, lin in linears.items()}
+    total = sum(sizes.values())
+    params = [s.logits for s in state.values()] + [s.clip for s in state.values() if s.clip is not None]
+    # the logits live in a tiny space; Adam normalises the gradient scale, as in BESA
+    opt = torch.optim.Adam(params, lr=cfg.besa_lr)
+    uniform = {n: torch.tensor(cfg.sparsity, device=device) for n in linears}
+    mse_uniform = _block_mse(block, inputs, targets, _masked_params(linears, state, None, uniform))
+    scale = sum(y.float().pow(2).mean().item() for y in targets) / len(targets)  # normalise the MSE per block
+    epoch_losses = []
+    task = progress.add_task("  learning sparsities", total=cfg.besa_epochs * len(inputs.hidden), info="") \
+        if progress else None
+    for _ in range(cfg.besa_epochs):
+        running = 0.0
+        for h, kw, y in zip(inputs.hidden, inputs.kwargs, targets, strict=True):
+            out = functional_call(block, _masked_params(linears, state, cfg.besa_wbits), (h,), kw)
+            out = out[0] if isinstance(out, tuple) else out
+            rec = F.mse_loss(out.float(), y.float()) / max(scale, 1e-12)
+            expected = sum(state[n].expected().mean() * sizes[n] for n in linears) / total
+            loss = rec + cfg.besa_penalty * (expected - cfg.sparsity) ** 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += rec.item()
+            if task is not None:
+                progress.update(task, advance=1, info=f"rec {rec.item():.4f} sparsity {expected.item():.3f}")
+        epoch_losses.append(running / len(inputs.hidden))
+    if task is not None:
+        progress.remove_task(task)
+    with torch.no_grad():
+        alphas = rescale_to_target({n: s.expected().detach() for n, s in state.items()}, sizes, cfg.sparsity)
+        final = _masked_params(linears, state, cfg.besa_wbits, alphas)
+        mse_learned = _block_mse(block, inputs, targets, final)
+        for name, lin in linears.items():
+            lin.weight.copy_(final[f"{name}.weight"])
+    linear_sparsity = {n: float((lin.weight == 0).float().mean()) for n, lin in linears.items()}
+    return {
+        "sparsity": sum(linear_sparsity[n] * sizes[n] for n in linears) / total,
+        "linear_sparsity": linear_sparsity,
+        "mse_uniform": mse_uniform,
+        "mse_learned": mse_learned,
+        "loss_first_epoch": epoch_losses[0],
+        "loss_last_epoch": epoch_losses[-1],
+    }

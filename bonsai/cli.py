@@ -48,10 +48,15 @@ def models_cmd() -> None:
 
 @app.command("eval")
 def eval_cmd(
-    target: str = typer.Argument(..., help="wikitext2, c4, kjv (the shipped corpus; alias tiny) or a local .txt/.jsonl file."),
+    target: str | None = typer.Argument(None, help="Comma-separated perplexity datasets (wikitext2, c4, kjv, a local "
+                                                    ".txt/.jsonl file) and lm-eval task names (boolq, hellaswag, ...)."),
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    suite: str | None = typer.Option(None, help="Task preset: paper (Table 3, zero-shot) or openllm (Table 4 few-shot)."),
+    num_fewshot: int | None = typer.Option(None, "--num-fewshot", help="Few-shot examples for the tasks (task default)."),
+    limit: int | None = typer.Option(None, help="Evaluate only the first N documents of each task (for quick checks)."),
+    include_path: str | None = typer.Option(None, "--include-path", help="Folder of extra lm-eval task YAMLs."),
     seqlen: int | None = typer.Option(None, help="Window length; default 2048 capped at the model's max positions."),
-    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Windows per forward pass."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Windows (or task requests) per forward pass."),
     split: str = typer.Option("test", help="Split of a hub dataset: test, validation or train."),
     max_windows: int | None = typer.Option(None, min=1, help="Evaluate only the first N windows."),
     dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16 (auto: float32 on CPU, checkpoint dtype on GPU)."),
@@ -59,18 +64,73 @@ def eval_cmd(
     json_path: Path | None = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint (off by default)."),
 ) -> None:
-    """Perplexity over non-overlapping windows (Wanda/SparseGPT protocol, remainder dropped)."""
+    """Perplexity (non-overlapping windows, Wanda/SparseGPT protocol) and zero/few-shot tasks through lm-eval."""
     _quiet_transformers()
+    from bonsai.data.sources import ALIASES, DATASETS, is_local_file
     from bonsai.eval.runner import run_perplexity
 
-    result = run_perplexity(target, model, seqlen=seqlen, batch_size=batch_size, split=split,
-                            max_windows=max_windows, dtype=dtype, device=device,
-                            trust_remote_code=trust_remote_code)
-    _print_ppl(result)
+    items = [t.strip() for t in (target or "").split(",") if t.strip()]
+    if not items and suite is None:
+        raise BonsaiError("name what to evaluate: a dataset (kjv, wikitext2, ...), task names, or --suite paper|openllm")
+    if limit is not None and limit <= 0:
+        raise BonsaiError(f"--limit must be positive (got {limit})")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise BonsaiError(f"--num-fewshot must be >= 0 (got {num_fewshot})")
+    ppl_targets = [t for t in items if ALIASES.get(t, t) in DATASETS or is_local_file(t)]
+    tasks: dict[str, int | None] = {t: num_fewshot for t in items if t not in ppl_targets}
+    if suite is not None:
+        from bonsai.eval.tasks import SUITES
+
+        if suite not in SUITES:
+            raise BonsaiError(f"unknown --suite {suite!r}: choose from {', '.join(SUITES)}")
+        for name, shots in SUITES[suite].items():
+            tasks.setdefault(name, shots if num_fewshot is None else num_fewshot)
+    manager = None
+    if tasks:
+        from bonsai.eval.tasks import check_task_names, task_manager
+
+        manager = task_manager(include_path)
+        check_task_names(list(tasks), manager)
+    from bonsai.models.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    results: dict = {"model": model, "perplexity": {}, "tasks": {}}
+    for t in ppl_targets:
+        result = run_perplexity(t, model, seqlen=seqlen, batch_size=batch_size, split=split, max_windows=max_windows,
+                                model=loaded, tokenizer=tokenizer)
+        _print_ppl(result)
+        results["perplexity"][result["dataset"]] = result
+    if tasks:
+        from bonsai.eval.tasks import run_tasks
+
+        results["tasks"] = run_tasks(loaded, tokenizer, tasks, manager, batch_size=batch_size, limit=limit)
+        results["limit"] = limit
+        _print_tasks(results["tasks"], model)
     if json_path is not None:
         from bonsai.io import write_json_atomic
 
-        write_json_atomic(json_path, result)
+        # a single perplexity target keeps the flat layout of earlier versions
+        flat = len(ppl_targets) == 1 and not tasks
+        write_json_atomic(json_path, next(iter(results["perplexity"].values())) if flat else results)
+
+
+def _print_tasks(tasks: dict, model: str) -> None:
+    from rich.table import Table
+
+    from bonsai.progress import out_console as console
+
+    table = Table(title=f"tasks of {model}")
+    for col in ("task", "shots", "samples", "metric", "value", "stderr"):
+        table.add_column(col, justify="right")
+    for task, metrics in tasks.items():
+        for name, value in metrics.items():
+            if name.endswith("_stderr") or name in ("num_fewshot", "samples", "sample_len") or value is None:
+                continue
+            err = metrics.get(f"{name}_stderr")
+            table.add_row(task, str(metrics.get("num_fewshot")), str(metrics.get("samples")), name, f"{value:.4f}",
+                          "-" if err is None else f"{err:.4f}")
+    console.print(table)
 
 
 @app.command("prune")

@@ -133,6 +133,65 @@ def _print_tasks(tasks: dict, model: str) -> None:
     console.print(table)
 
 
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="The pruned (or otherwise compressed) model."),
+    baseline: str = typer.Option(..., "--baseline", help="The parent model to compare against."),
+    seqlen: int | None = typer.Option(None, help="Tokens per forward window (default 2048 capped at max positions)."),
+    batch_sizes: str = typer.Option("1,8", "--batch-sizes", help="Comma-separated batch sizes."),
+    generate_tokens: int = typer.Option(128, "--generate-tokens", help="Tokens generated per throughput run (0: skip)."),
+    repeats: int = typer.Option(5, help="Timed repeats per setting (median reported), after 2 warm-ups."),
+    dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda|cuda:N."),
+    sparse_kernels: bool = typer.Option(False, "--sparse-kernels",
+                                        help="Run exact 2:4 linears with PyTorch semi-structured kernels (GPU sm80+)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoints (off by default)."),
+) -> None:
+    """Speedup of MODEL over BASELINE: forward latency over seqlen-token windows and generation throughput."""
+    _quiet_transformers()
+    from bonsai.bench.speed import run_bench
+    from bonsai.progress import make_progress
+
+    try:
+        sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise BonsaiError(f"--batch-sizes must be comma-separated integers (got {batch_sizes!r})") from None
+    with make_progress(transient=True) as progress:
+        result = run_bench(model, baseline, seqlen, sizes, generate_tokens, repeats, dtype, device, sparse_kernels,
+                           trust_remote_code=trust_remote_code, progress=progress)
+    _print_bench(result)
+    if json_path is not None:
+        from bonsai.io import write_json_atomic
+
+        write_json_atomic(json_path, result)
+
+
+def _print_bench(result: dict) -> None:
+    from rich.table import Table
+
+    from bonsai.progress import console as err_console
+    from bonsai.progress import out_console as console
+
+    m, b = result["models"]["model"], result["models"]["baseline"]
+    table = Table(title=f"{m['name']} vs {b['name']} ({result['device']}, {result['dtype']}, median of {result['repeats']})")
+    for col in ("batch", "seqlen", "forward ms", "baseline ms", "speedup", "gen tok/s", "baseline tok/s", "gen speedup"):
+        table.add_column(col, justify="right")
+    for r in result["results"]:
+        gen = "generate_speedup" in r
+        table.add_row(str(r["batch_size"]), str(r["seqlen"]), f"{r['forward_seconds_model'] * 1e3:.1f}",
+                      f"{r['forward_seconds_baseline'] * 1e3:.1f}", f"{r['speedup']:.2f}x",
+                      f"{r['generate_tokens_per_second_model']:.1f}" if gen else "-",
+                      f"{r['generate_tokens_per_second_baseline']:.1f}" if gen else "-",
+                      f"{r['generate_speedup']:.2f}x" if gen else "-")
+    console.print(table)
+    console.print(f"parameters {m['params']:,} vs {b['params']:,} (ratio {result['param_ratio']:.3f}), "
+                  f"FLOPs/token ratio {result['flop_ratio']:.3f}, weights {m['bytes'] / 2**20:.1f} MiB vs "
+                  f"{b['bytes'] / 2**20:.1f} MiB")
+    for note in result["notes"]:
+        err_console.print(f"[yellow]note: {note}")
+
+
 @app.command("prune")
 def prune_cmd(
     model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),

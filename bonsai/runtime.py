@@ -44,6 +44,15 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtyp
     return torch.bfloat16
 
 
+def peak_memory(device: torch.device) -> int:
+    """Peak memory so far: max allocated on a GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
     """A quick check so that offline users get an answer at once instead of a retry loop."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):

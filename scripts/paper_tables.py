@@ -131,22 +131,23 @@ def table7(r: Runner) -> None:
                       ax.set_ylabel("ppl")))
 
 
-def fig2(r: Runner) -> None:
+def _ablation(r: Runner, name: str, title: str, setting: str, values: tuple[str, ...], default: str) -> None:
+    """One pruned model per value of `setting` (the default value is the shared Bonsai run), as a bar chart."""
     rows = []
-    for method in ("prior-only", "no-regression", "random", "bonsai"):
-        path, _ = r.pruned(**({} if method == "bonsai" else {"method": method}))
-        rows.append([method, f"{r.ppl(str(path)):.2f}"])
-    write(r.out, "fig2", "Figure 2: perturbation and regression ablations", ["method", "ppl"], rows, note_for(r),
+    for value in values:
+        path, _ = r.pruned(**({} if value == default else {setting: value}))
+        rows.append([value, f"{r.ppl(str(path)):.2f}"])
+    write(r.out, name, title, [setting, "ppl"], rows, note_for(r),
           lambda ax: (ax.bar([x[0] for x in rows], [float(x[1]) for x in rows], color="#4a7c59"), ax.set_ylabel("ppl")))
+
+
+def fig2(r: Runner) -> None:
+    _ablation(r, "fig2", "Figure 2: perturbation and regression ablations", "method",
+              ("prior-only", "no-regression", "random", "bonsai"), "bonsai")
 
 
 def fig3(r: Runner) -> None:
-    rows = []
-    for prior in ("uniform", "magnitude", "activation", "wanda"):
-        path, _ = r.pruned(**({} if prior == "wanda" else {"prior": prior}))
-        rows.append([prior, f"{r.ppl(str(path)):.2f}"])
-    write(r.out, "fig3", "Figure 3: choice of prior", ["prior", "ppl"], rows, note_for(r),
-          lambda ax: (ax.bar([x[0] for x in rows], [float(x[1]) for x in rows], color="#4a7c59"), ax.set_ylabel("ppl")))
+    _ablation(r, "fig3", "Figure 3: choice of prior", "prior", ("uniform", "magnitude", "activation", "wanda"), "wanda")
 
 
 def main() -> None:

@@ -156,15 +156,19 @@ def prune_besa(run, windows: torch.Tensor, progress=None) -> dict:
                              info=f"{cfg.besa_granularity}") if progress else None
     abort_after = int(os.environ.get(ABORT_ENV, "0"))
     for i, block in enumerate(layers):
+        done = i < len(saved["blocks"])
+        norms = None if done else InputNorms(block_linears(block, adapter.linear_names))
         targets = block_outputs(block, inputs)  # dense outputs: the reconstruction target and the next input
-        if i < len(saved["blocks"]):  # done by an earlier process: restore its pruned weights
+        if norms is not None:
+            norms.remove()  # the same dense pass gave the ranking statistics
+        if done:  # done by an earlier process: restore its pruned weights
             weights = load_file(str(state_dir / f"besa-block-{i}.safetensors"))
             with torch.no_grad():
                 for name, lin in block_linears(block, adapter.linear_names).items():
                     lin.weight.copy_(weights[name].to(lin.weight.device, lin.weight.dtype))
         else:
             start = time.time()
-            result = _learn_block(block, adapter, inputs, targets, levels, cfg, progress)
+            result = _learn_block(block, adapter, inputs, targets, norms.norms(), levels, cfg, progress)
             result["seconds"] = time.time() - start
             linears = block_linears(block, adapter.linear_names)
             save_file({n: lin.weight.detach().cpu().contiguous() for n, lin in linears.items()},
@@ -186,16 +190,14 @@ def prune_besa(run, windows: torch.Tensor, progress=None) -> dict:
     }
 
 
-def _learn_block(block, adapter, inputs: BlockInputs, targets, levels, cfg, progress) -> dict:
+def _learn_block(block, adapter, inputs: BlockInputs, targets, input_norms: dict[str, torch.Tensor], levels, cfg,
+                 progress) -> dict:
     linears = block_linears(block, adapter.linear_names)
-    norms = InputNorms(linears)
-    block_outputs(block, inputs)
-    norms.remove()
     device = next(block.parameters()).device
     levels = levels.to(device)
     state: dict[str, LayerSparsity] = {}
     for name, lin in linears.items():
-        score = wanda_scores(lin.weight, norms.norms()[name])
+        score = wanda_scores(lin.weight, input_norms[name])
         ranks = score.argsort(1).argsort(1)  # rank of each weight within its row
         rows = lin.out_features if cfg.besa_granularity == "row" else None
         clip = torch.nn.Parameter(torch.full((lin.out_features,), 4.0, device=device)) if cfg.besa_wbits else None

@@ -45,24 +45,33 @@ def _mean_loss(model, batch: torch.Tensor) -> torch.Tensor:
 
 
 def gradients(model, weights: list[torch.nn.Parameter], windows: torch.Tensor, batch_size: int,
-              fisher: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+              fisher: bool, progress=None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Gradient of the mean LM loss over all windows, and optionally the Fisher diagonal mean_j g_j^2
     with g_j the gradient of window j's own mean loss."""
     device = next(model.parameters()).device
     n = windows.shape[0]
     fish = None
+    passes = (n if fisher else 0) + -(-n // batch_size)
+    task = progress.add_task("gradient passes", total=passes, info="backward") if progress else None
+
+    def advance() -> None:
+        if task is not None:
+            progress.advance(task)
+
     if fisher:
         fish = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
         for j in range(n):
             grads = torch.autograd.grad(_mean_loss(model, windows[j:j + 1].to(device)), weights)
             for acc, g in zip(fish, grads, strict=True):
                 acc.add_(g.float().pow(2), alpha=1.0 / n)
+            advance()
     total = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     for start in range(0, n, batch_size):
         batch = windows[start:start + batch_size].to(device)
         grads = torch.autograd.grad(_mean_loss(model, batch) * (batch.shape[0] / n), weights)
         for acc, g in zip(total, grads, strict=True):
             acc.add_(g.float())
+        advance()
     return total, fish
 
 
@@ -95,7 +104,7 @@ def aggregate(scores: list[torch.Tensor], how: str) -> torch.Tensor:
 
 
 def group_importance(model, adapter: ArchAdapter, keys: list[GroupKey], windows: torch.Tensor, batch_size: int,
-                     importance: str, aggregation: str) -> dict[GroupKey, np.ndarray]:
+                     importance: str, aggregation: str, progress=None) -> dict[GroupKey, np.ndarray]:
     """Importance of every unit of `keys` (higher = keep)."""
     if importance not in IMPORTANCES:
         raise BonsaiError(f"unknown --llmp-importance {importance!r}: choose from {', '.join(IMPORTANCES)}")
@@ -109,7 +118,7 @@ def group_importance(model, adapter: ArchAdapter, keys: list[GroupKey], windows:
     for w in weights:
         w.requires_grad_(True)
     try:
-        grads, fisher = gradients(model, weights, windows, batch_size, importance == "element2")
+        grads, fisher = gradients(model, weights, windows, batch_size, importance == "element2", progress)
     finally:
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)

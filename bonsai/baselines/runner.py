@@ -17,14 +17,7 @@ from bonsai.errors import BonsaiError
 from bonsai.io import write_json_atomic
 from bonsai.progress import console, make_progress
 from bonsai.prune.config import PruneConfig
-
-
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+from bonsai.runtime import peak_memory
 
 
 def linear_zero_fraction(adapter) -> tuple[int, int]:
@@ -78,7 +71,7 @@ class BaselineRun:
             if cfg.method == "wanda":
                 details, structured = self._wanda(windows, progress), False
             elif cfg.method == "llm-pruner":
-                details, structured = self._llm_pruner(windows, block_before), True
+                details, structured = self._llm_pruner(windows, block_before, progress), True
             else:
                 details, structured = self._besa(windows, progress), False
         zeros, linear_weights = linear_zero_fraction(self.adapter)
@@ -102,7 +95,7 @@ class BaselineRun:
                 "params_after": total_after,
                 "nonzero_params_after": int(sum(int((p != 0).sum()) for p in self.model.parameters())),
                 "wall_seconds": time.time() - start + getattr(self, "elapsed_before", 0.0),
-                "peak_memory_bytes": _peak_memory(self.device),
+                "peak_memory_bytes": peak_memory(self.device),
             },
             **details,
         }
@@ -117,7 +110,7 @@ class BaselineRun:
                                 self.cfg.batch_size, progress)
         return {"layer_sparsity": [float(np.mean(list(d.values()))) for d in per_layer], "linear_sparsity": per_layer}
 
-    def _llm_pruner(self, windows, block_before: int) -> dict:
+    def _llm_pruner(self, windows, block_before: int, progress) -> dict:
         from bonsai.adapters import GroupKey
         from bonsai.baselines.llm_pruner import default_layer_range, group_importance, uniform_removals
         from bonsai.prune.selection import select_removals
@@ -132,7 +125,7 @@ class BaselineRun:
         console.print(f"LLM-Pruner: {cfg.llmp_importance} Taylor importance, {cfg.llmp_aggregation} aggregation, "
                       f"layers [{start}, {end}), {'global' if cfg.global_ranking else 'uniform per-layer'} ranking")
         importance = group_importance(self.model, adapter, keys, windows, cfg.batch_size, cfg.llmp_importance,
-                                      cfg.llmp_aggregation)
+                                      cfg.llmp_aggregation, progress)
         target = cfg.sparsity * block_before
         if cfg.global_ranking:
             flat = np.concatenate([importance[k] for k in keys])

@@ -27,29 +27,20 @@ from bonsai.finetune.config import FinetuneConfig
 from bonsai.finetune.distill import topk_kl
 from bonsai.io import write_json_atomic
 from bonsai.progress import console, make_progress
+from bonsai.runtime import peak_memory
 
 STATE_DIR = ".bonsai-finetune"
 ABORT_ENV = "BONSAI_ABORT_AFTER_STEPS"  # tests: simulate a crash after the checkpoint at this step
 MAX_GRAD_NORM = 1.0
 
 
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 def lora_targets(model, adapter) -> list[str]:
     """Full names of every non-empty block linear the adapter lists (LoRA on a 0-row layer is meaningless)."""
-    names = []
-    for name, module in adapter.layers().named_modules():
-        if name.rsplit(".", 1)[-1] in adapter.linear_names and isinstance(module, torch.nn.Linear) \
-                and module.weight.numel() > 0:
-            names.append(name)
+    from bonsai.baselines.layerwise import block_linears
+
     prefix = {id(m): n for n, m in model.named_modules()}[id(adapter.layers())]
-    return [f"{prefix}.{n}" for n in names]
+    return [f"{prefix}.{i}.{name}" for i, block in enumerate(adapter.layers())
+            for name in block_linears(block, adapter.linear_names)]
 
 
 def check_same_vocabulary(student: str, teacher: str, trust_remote_code: bool = False) -> None:
@@ -145,14 +136,11 @@ class FinetuneRun:
 
     def _load_student(self, device: torch.device):
         from bonsai.adapters import get_adapter
-        from bonsai.models.loading import load_config, load_model
+        from bonsai.models.loading import checkpoint_dtype, load_config, load_model
         from bonsai.runtime import resolve_dtype
 
         cfg = self.cfg
-        config = load_config(cfg.model, self.trust_remote_code)[0]
-        ckpt_dtype = getattr(config, "dtype", None)
-        if isinstance(ckpt_dtype, str):
-            ckpt_dtype = getattr(torch, ckpt_dtype, None)
+        ckpt_dtype = checkpoint_dtype(load_config(cfg.model, self.trust_remote_code)[0])
         dtype = resolve_dtype(cfg.dtype, device, ckpt_dtype)
         if cfg.full and device.type == "cuda":
             dtype = torch.float32  # full finetuning keeps fp32 master weights; autocast does the half precision
@@ -276,7 +264,7 @@ class FinetuneRun:
             "evals": state["evals"],
             "ppl_before": state["ppl_before"],
             "tokens_seen": state["tokens_seen"],
-            "peak_memory_bytes": _peak_memory(device),
+            "peak_memory_bytes": peak_memory(device),
             "_elapsed_before": prior_elapsed,
             "_held": held,
         }

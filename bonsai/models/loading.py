@@ -71,6 +71,12 @@ def load_config(name: str, trust_remote_code: bool = False):
         raise BonsaiError(f"cannot read the model config of {name}: {_first_line(exc)}") from None
 
 
+def checkpoint_dtype(config) -> torch.dtype | None:
+    """The dtype the checkpoint's weights were saved in, if its config says."""
+    value = getattr(config, "dtype", None)
+    return getattr(torch, value, None) if isinstance(value, str) else value
+
+
 def load_model(
     name: str,
     dtype: str | torch.dtype = "auto",
@@ -88,10 +94,7 @@ def load_model(
 
     config, location, kwargs = load_config(name, trust_remote_code)
     target = resolve_device(device)
-    checkpoint_dtype = getattr(config, "dtype", None)
-    if isinstance(checkpoint_dtype, str):
-        checkpoint_dtype = getattr(torch, checkpoint_dtype, None)
-    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, target, checkpoint_dtype)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, target, checkpoint_dtype(config))
     plan = getattr(config, PLAN_KEY, None)
     if plan is not None:
         from bonsai.adapters import adapter_class

@@ -29,6 +29,7 @@ from bonsai.prune.regression import fit_unit_scores
 from bonsai.prune.sampling import candidate_units, sample_masks
 from bonsai.prune.selection import select_removals
 from bonsai.prune.state import IterationState, RunState, StateStore
+from bonsai.runtime import peak_memory
 
 ABORT_ENV = "BONSAI_ABORT_AFTER_EVALS"  # tests: simulate a crash after N sub-model evaluations
 
@@ -56,14 +57,6 @@ def plan_budget(adapter: ArchAdapter, groups: list[GroupKey], cfg: PruneConfig) 
     # Algorithm 1 runs ceil(p / p_iter) iterations; equal steps make the last one end at the target.
     iterations = max(1, math.ceil(cfg.sparsity / cfg.p_iter - 1e-9))
     return Budget(block, total, prunable, target, target / iterations, iterations)
-
-
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _rng(seed: int, iteration: int, stream: int) -> np.random.Generator:
@@ -318,7 +311,7 @@ class PruneRun:
                 "params_after": total_now,
                 "max_unit_params": max(self.adapter.params_per_unit(k) for k in self.groups),
                 "wall_seconds": state.elapsed_before,
-                "peak_memory_bytes": _peak_memory(self.device),
+                "peak_memory_bytes": peak_memory(self.device),
             },
             "kept_units": state.kept,
         }

@@ -48,7 +48,7 @@ def models_cmd() -> None:
 
 @app.command("eval")
 def eval_cmd(
-    target: str | None = typer.Argument(None, help="Comma-separated perplexity datasets (wikitext2, c4, kjv, a local "
+    target: str | None = typer.Argument(None, help="Comma-separated perplexity datasets (wikitext2, c4, kjv, austen, a local "
                                                     ".txt/.jsonl file) and lm-eval task names (boolq, hellaswag, ...)."),
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     suite: str | None = typer.Option(None, help="Task preset: paper (Table 3, zero-shot) or openllm (Table 4 few-shot)."),
@@ -199,15 +199,26 @@ def prune_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (pruned model, report.json, report.png, state)."),
     config: str | None = typer.Option(None, help="YAML preset: a path or a name under configs/ (e.g. llama-2-7b)."),
     method: str | None = typer.Option(None, help="bonsai | prior-only | no-regression | random (paper Fig. 2) | "
-                                                 "baselines: wanda | llm-pruner | besa."),
-    prior: str | None = typer.Option(None, help="wanda | activation | magnitude | uniform (paper Fig. 3)."),
+                                                 "baselines: wanda | llm-pruner | besa | flap."),
+    prior: str | None = typer.Option(None, help="obs (default: each unit's compensated error, relative to the "
+                                                "residual stream) | wanda | activation | magnitude | uniform (paper Fig. 3)."),
     p_iter: float | None = typer.Option(None, "--p-iter", help="Fraction pruned per iteration (default 0.05)."),
     samples: int | None = typer.Option(None, help="Sub-models evaluated per iteration (default 200)."),
-    calib: str | None = typer.Option(None, help="Calibration data: wikitext2, c4, kjv or a local file."),
+    calib: str | None = typer.Option(None, help="Calibration data: wikitext2, c4, kjv, austen or a local file."),
     calib_samples: int | None = typer.Option(None, "--calib-samples", help="Calibration windows (default 32)."),
     seqlen: int | None = typer.Option(None, help="Calibration window length (default 2048 capped at max positions)."),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Rows per forward pass (rows may mix sub-models)."),
     regression: str | None = typer.Option(None, help="lasso (L1, default) | ridge (L2)."),
+    selection: str | None = typer.Option(None, help="probe (default): one sub-model per layer group, its measured "
+                                                    "cost spread over its units by their compensated errors | paper: "
+                                                    "random unit masks, one regression coefficient per unit."),
+    compensate: bool | None = typer.Option(None, "--compensate/--no-compensate",
+                                           help="Evaluate sub-models with their dropped units compensated (the refit "
+                                                "to come; default) instead of zeroed (the paper)."),
+    utility: str | None = typer.Option(None, help="A sub-model's utility: kl (default: -KL from the current model's "
+                                                  "next-token distributions) | loss (-LM loss, the paper's)."),
+    per_parameter: bool | None = typer.Option(None, "--per-parameter/--per-unit",
+                                              help="paper selection: rank units by coefficient per parameter."),
     units: str | None = typer.Option(None, help="Unit kinds to prune: attention,mlp (default), attention or mlp."),
     seed: int | None = typer.Option(None, help="Random seed (same seed, same model)."),
     dtype: str | None = typer.Option(None, help="auto|float32|bfloat16|float16."),
@@ -228,6 +239,13 @@ def prune_cmd(
     besa_lr: float | None = typer.Option(None, "--besa-lr", help="besa: learning rate of the sparsity logits (0.05)."),
     besa_penalty: float | None = typer.Option(None, "--besa-penalty", help="besa: weight of the sparsity penalty (5)."),
     besa_wbits: int | None = typer.Option(None, "--besa-wbits", help="besa: joint fake-quantisation to N bits."),
+    reconstruct: str | None = typer.Option(None, help="Refit after each removal (every structured method): lstsq "
+                                                      "(least-squares output projections, default) | bias (FLAP's) | none "
+                                                      "(the paper's Bonsai)."),
+    reconstruct_damp: float | None = typer.Option(None, "--reconstruct-damp",
+                                                  help="lstsq damping, relative to the Gram matrix's mean diagonal (0.01)."),
+    reconstruct_samples: int | None = typer.Option(None, "--reconstruct-samples",
+                                                   help="Calibration windows for the refit (default: --calib-samples)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     processes: int = typer.Option(1, "--processes", min=1,
                                   help="Processes sharing the sub-model evaluations (one replica each; a GPU each "
@@ -244,12 +262,15 @@ def prune_cmd(
 
     overrides = dict(model=model, sparsity=sparsity, method=method, prior=prior, p_iter=p_iter, samples=samples,
                      calib=calib, calib_samples=calib_samples, seqlen=seqlen, batch_size=batch_size,
-                     regression=regression, units=units, seed=seed, dtype=dtype, device=device,
+                     regression=regression, selection=selection, compensate=compensate, per_parameter=per_parameter,
+                     utility=utility,
+                     units=units, seed=seed, dtype=dtype, device=device,
                      device_map=device_map, checkpoint_every=checkpoint_every, sparsity_type=sparsity_type,
                      llmp_importance=llmp_importance, llmp_aggregation=llmp_aggregation,
                      llmp_layer_start=llmp_layer_start, llmp_layer_end=llmp_layer_end,
                      global_ranking=global_ranking or None, besa_granularity=besa_granularity, besa_levels=besa_levels,
-                     besa_epochs=besa_epochs, besa_lr=besa_lr, besa_penalty=besa_penalty, besa_wbits=besa_wbits)
+                     besa_epochs=besa_epochs, besa_lr=besa_lr, besa_penalty=besa_penalty, besa_wbits=besa_wbits,
+                     reconstruct=reconstruct, reconstruct_damp=reconstruct_damp, reconstruct_samples=reconstruct_samples)
     cfg = build_config(config, overrides)
     if model is None and config is None:
         raise BonsaiError("--model is required (or a --config that names one)")
@@ -270,7 +291,7 @@ def prune_cmd(
 def finetune_cmd(
     model: str | None = typer.Option(None, "--model", "-m", help="The pruned model (folder from `bonsai prune`)."),
     teacher: str | None = typer.Option(None, help="The parent model, for distillation (needed unless --distill-weight 0)."),
-    data: str | None = typer.Option(None, help="Training text: wikitext2, c4, kjv or a local .txt/.jsonl file."),
+    data: str | None = typer.Option(None, help="Training text: wikitext2, c4, kjv, austen or a local .txt/.jsonl file."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for the finetuned model and report.json."),
     config: str | None = typer.Option(None, help="YAML preset: configs/finetune-NAME.yaml (e.g. llama-2-7b, tiny) or a path."),
     lora_rank: int | None = typer.Option(None, "--lora-rank", help="LoRA rank (default 128)."),

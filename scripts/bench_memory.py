@@ -1,8 +1,10 @@
 """Peak memory of pruning against a plain forward with the same batch: the "inference memory only" claim.
 
 Each measurement runs in its own process (so CPU peak RSS is not shared between them): a plain forward,
-the Bonsai prune steps (prior pass with hooks + sub-model evaluations with masks), and LLM-Pruner's
-gradient importance (backward passes). Prints the ratios side by side; RSS on CPU, max allocated on GPU.
+the Bonsai prune steps of the paper (prior pass with hooks + sub-model evaluations with masks), the probe
+steps (Gram statistics block by block, candidates' inverse columns, compensated probe sub-models), the
+reconstruction (half of every group removed and refit block by block, lstsq), and LLM-Pruner's gradient
+importance (backward passes). Prints the ratios side by side; RSS on CPU, max allocated on GPU.
 
     python scripts/bench_memory.py --model tiny --seqlen 128 --batch-size 8
     python scripts/bench_memory.py --shape llama-2-7b --device cuda --dtype bfloat16 --seqlen 2048 --batch-size 1
@@ -21,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-MODES = ("forward", "bonsai", "llm-pruner")
+MODES = ("forward", "bonsai", "probe", "reconstruct", "llm-pruner")
 
 
 def child(args) -> None:
@@ -51,6 +53,34 @@ def child(args) -> None:
         masks = {k: torch.from_numpy(np.random.default_rng(0).integers(0, 2, (args.batch_size, adapter.group_size(k)))
                                      .astype(np.uint8)) for k in groups}
         SubModelEvaluator(model, adapter, groups, windows, masks, args.batch_size).evaluate(list(range(args.batch_size)))
+    elif args.child == "probe":
+        import numpy as np
+
+        from bonsai.prune.compensation import group_statistics
+        from bonsai.prune.evaluate import SubModelEvaluator
+        from bonsai.prune.sampling import candidate_units, probe_masks
+
+        stats, inverses = group_statistics(model, adapter, groups, windows, args.batch_size, keep_inverse=True)
+        comp, cands = {}, {}
+        for k in groups:  # keep only the candidates' columns, as the runner does
+            cands[k] = torch.from_numpy(candidate_units(stats[k].unit_error.numpy(), 0.05))
+            w = adapter.unit_width(k)
+            cols = (cands[k][:, None] * w + torch.arange(w)).reshape(-1)
+            comp[k] = (inverses.pop(k)[:, cols.to(device)].clone(), cols)
+        masks = probe_masks([stats[k].unit_error.numpy()[cands[k].numpy()] for k in groups], 1)[:args.batch_size]
+        offsets = np.cumsum([0] + [len(cands[k]) for k in groups])
+        full = {}
+        for j, k in enumerate(groups):
+            m = torch.ones(len(masks), adapter.group_size(k), dtype=torch.uint8)
+            m[:, cands[k]] = torch.from_numpy(masks[:, offsets[j]:offsets[j + 1]])
+            full[k] = m
+        SubModelEvaluator(model, adapter, groups, windows, full, args.batch_size, compensation=comp,
+                          candidates=cands).evaluate(list(range(len(masks))))
+    elif args.child == "reconstruct":
+        from bonsai.reconstruct import remove_units
+
+        keep = {k: torch.arange(0, adapter.group_size(k), 2) for k in groups}
+        remove_units(model, adapter, keep, windows, "lstsq", batch_size=args.batch_size)
     else:
         from bonsai.baselines.llm_pruner import group_importance
 

@@ -1,8 +1,14 @@
 #!/usr/bin/env python
-"""Train the shipped tiny LLaMA-architecture model on the shipped KJV corpus (CPU, minutes).
+"""Train a tiny language model of one family on a shipped corpus (CPU, minutes).
 
-It is a real (small) language model, so pruning it shows real differences. Re-run to rebuild
-`bonsai/assets/tiny-llama`:  python scripts/train_tiny.py  (about 10-15 minutes on 2 cores).
+The defaults rebuild the shipped model `bonsai/assets/tiny-llama` (LLaMA, KJV):  python scripts/train_tiny.py
+(about 10-15 minutes on 2 cores). The quality matrix trains one model per family on the Austen corpus:
+
+    python scripts/train_tiny.py --family mistral --corpus austen --out runs/models/tiny-mistral-austen
+
+Families: llama (multi-head attention), mistral (grouped-query attention, 3 query heads per key/value head),
+phi (parallel attention and MLP, LayerNorm, GELU, partial rotary). They are real (small) language models,
+so pruning them shows real differences.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PhiConfig, PreTrainedTokenizerFast
 
 ASSETS = Path(__file__).resolve().parent.parent / "bonsai" / "assets"
 
@@ -31,6 +37,21 @@ def build_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
                                    model_max_length=512)
 
 
+def family_config(family: str, vocab: int, tok) -> object:
+    common = dict(vocab_size=vocab, hidden_size=192, num_hidden_layers=6, num_attention_heads=6,
+                  max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id)
+    if family == "llama":
+        return LlamaConfig(intermediate_size=512, num_key_value_heads=6, rms_norm_eps=1e-5, **common)
+    if family == "mistral":
+        return MistralConfig(intermediate_size=512, num_key_value_heads=2, head_dim=32, sliding_window=None,
+                             rms_norm_eps=1e-5, **common)
+    if family == "phi":
+        return PhiConfig(intermediate_size=768, num_key_value_heads=6, partial_rotary_factor=0.5, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attention_dropout=0.0, **common)
+    raise SystemExit(f"unknown family {family}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=700)
@@ -38,21 +59,20 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--family", default="llama", choices=("llama", "mistral", "phi"))
+    p.add_argument("--corpus", default="kjv", choices=("kjv", "austen"))
     p.add_argument("--out", default=str(ASSETS / "tiny-llama"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(args.seed)
-    train_text = gzip.open(ASSETS / "kjv" / "train.txt.gz", "rt").read()
-    test_text = gzip.open(ASSETS / "kjv" / "test.txt.gz", "rt").read()
+    train_text = gzip.open(ASSETS / args.corpus / "train.txt.gz", "rt").read()
+    test_text = gzip.open(ASSETS / args.corpus / "test.txt.gz", "rt").read()
     tok = build_tokenizer(train_text, args.vocab)
     train_ids = torch.tensor(tok(train_text)["input_ids"])
     test_ids = torch.tensor(tok(test_text)["input_ids"])
     print(f"train tokens {len(train_ids)}, test tokens {len(test_ids)}")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=192, intermediate_size=512, num_hidden_layers=6,
-                         num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         rms_norm_eps=1e-5)
-    model = LlamaForCausalLM(config)
+    config = family_config(args.family, len(tok), tok)
+    model = AutoModelForCausalLM.from_config(config)
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     warmup = 50

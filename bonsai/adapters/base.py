@@ -67,6 +67,11 @@ class GroupKey:
     def __str__(self) -> str:
         return f"{self.layer}.{self.kind}"
 
+    @classmethod
+    def parse(cls, text: str) -> GroupKey:
+        layer, kind = text.split(".", 1)
+        return cls(int(layer), kind)
+
 
 def _linear_params(lin: nn.Linear, rows: bool) -> int:
     """Parameters of one output row (rows=True, bias included) or one input column of `lin`."""
@@ -97,6 +102,8 @@ class ArchAdapter(ABC):
     causal_lm_class: ClassVar[str] = ""
     #: linear modules of a block, for LoRA
     linear_names: ClassVar[tuple[str, ...]] = ()
+    #: attention and MLP both read the block input (Phi), instead of the MLP reading the attention's output
+    parallel_block: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -171,6 +178,15 @@ class ArchAdapter(ABC):
 
     def unit_width(self, key: GroupKey) -> int:
         return self.spec(key).unit_width
+
+    def add_output_bias(self, key: GroupKey) -> None:
+        """Give the group's output projection a zero bias (reconstruction may need one the family lacks);
+        the saved plan records it so the checkpoint reloads with the same shapes."""
+        lin = self.output_projection(key)
+        if lin.bias is None:
+            w = lin.weight
+            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=w.dtype, device=w.device),
+                                    requires_grad=w.requires_grad)
 
     def slice(self, key: GroupKey, keep: torch.Tensor) -> None:
         """Physically remove every unit of the group that is not in `keep` (sorted unit indices)."""

@@ -16,6 +16,7 @@ class PhiAdapter(ArchAdapter):
     model_types = ("phi",)
     causal_lm_class = "PhiForCausalLM"
     linear_names = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+    parallel_block = True
 
     def layers(self) -> nn.ModuleList:
         return self.model.model.layers

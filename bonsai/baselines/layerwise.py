@@ -87,3 +87,43 @@ class InputNorms:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+class InputMoments:
+    """Per-column sum and sum of squares over tokens at the input of some linears (mean and variance)."""
+
+    def __init__(self, linears: dict):
+        self.sum, self.sq, self.tokens = {}, {}, {}
+        self._handles = [m.register_forward_pre_hook(self._hook(k)) for k, m in linears.items()]
+
+    def _hook(self, key):
+        def hook(module, args):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).double()
+            if key not in self.sum:
+                self.sum[key] = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+                self.sq[key] = torch.zeros_like(self.sum[key])
+                self.tokens[key] = 0
+            self.sum[key] += x.sum(0)
+            self.sq[key] += x.pow(2).sum(0)
+            self.tokens[key] += x.shape[0]
+        return hook
+
+    def mean(self, key) -> torch.Tensor:
+        return self.sum[key] / max(self.tokens[key], 1)
+
+    def variance(self, key) -> torch.Tensor:
+        """Population variance of each column over the tokens seen."""
+        mean = self.mean(key)
+        return (self.sq[key] / max(self.tokens[key], 1) - mean.pow(2)).clamp_min(0)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()

@@ -1,6 +1,8 @@
-"""`bonsai prune --method wanda|llm-pruner|besa`: same data, saving, report and CLI as Bonsai.
+"""`bonsai prune --method wanda|llm-pruner|besa|flap`: same data, saving, report and CLI as Bonsai.
 
-These are single-pass methods (minutes for Wanda and LLM-Pruner); BESA checkpoints after every block.
+These are single-pass methods (minutes for Wanda, LLM-Pruner and FLAP); BESA checkpoints after every block.
+The structured ones (LLM-Pruner, FLAP) remove units through `bonsai.reconstruct.remove_units`, so they
+get the same `--reconstruct` refit as Bonsai.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class BaselineRun:
                 details, structured = self._wanda(windows, progress), False
             elif cfg.method == "llm-pruner":
                 details, structured = self._llm_pruner(windows, block_before, progress), True
+            elif cfg.method == "flap":
+                details, structured = self._flap(windows, block_before, progress), True
             else:
                 details, structured = self._besa(windows, progress), False
         zeros, linear_weights = linear_zero_fraction(self.adapter)
@@ -111,7 +115,6 @@ class BaselineRun:
         return {"layer_sparsity": [float(np.mean(list(d.values()))) for d in per_layer], "linear_sparsity": per_layer}
 
     def _llm_pruner(self, windows, block_before: int, progress) -> dict:
-        from bonsai.adapters import GroupKey
         from bonsai.baselines.llm_pruner import default_layer_range, group_importance, uniform_removals
         from bonsai.prune.selection import select_removals
 
@@ -137,18 +140,41 @@ class BaselineRun:
             drops = {k: drop[(drop >= offsets[j]) & (drop < offsets[j + 1])] - offsets[j] for j, k in enumerate(keys)}
         else:
             drops = uniform_removals(importance, adapter, target)
-        kept = {}
-        for key in keys:
-            removed = set(drops[key].tolist())
-            keep = [u for u in range(adapter.group_size(key)) if u not in removed]
-            if len(keep) < adapter.group_size(key):
-                adapter.slice(key, torch.tensor(keep, dtype=torch.long))
-            kept[str(key)] = keep
+        return {"layer_range": [start, end], **self._remove(drops, progress)}
+
+    def _flap(self, windows, block_before: int, progress) -> dict:
+        from bonsai.baselines.flap import flap_removals, flap_scores
+
+        cfg, adapter = self.cfg, self.adapter
+        keys = adapter.groups(cfg.unit_kinds)
+        console.print(f"FLAP: fluctuation metric (WIFV), per-layer standardisation, one global threshold; "
+                      f"compensation: --reconstruct {cfg.reconstruct}")
+        scores = flap_scores(self.model, adapter, keys, windows, cfg.batch_size, progress)
+        return self._remove(flap_removals(scores, adapter, cfg.sparsity * block_before), progress)
+
+    def _remove(self, drops: dict, progress) -> dict:
+        """Remove the dropped units of every group through the shared reconstruction (--reconstruct)."""
+        from bonsai.adapters import GroupKey
+        from bonsai.data import calibration_windows
+        from bonsai.reconstruct import remove_units
+
+        cfg, adapter = self.cfg, self.adapter
+        keep = {}
+        for key, dropped in drops.items():
+            removed = set(np.asarray(dropped).tolist())
+            keep[key] = [u for u in range(adapter.group_size(key)) if u not in removed]
+        windows = None
+        if cfg.reconstruct != "none":
+            windows = calibration_windows(self.tokenizer, cfg.calib, cfg.reconstruct_samples or cfg.calib_samples,
+                                          self.seqlen, seed=cfg.seed * 100003 + 50021)
+        removal = remove_units(self.model, adapter, keep, windows, cfg.reconstruct, cfg.reconstruct_damp,
+                               cfg.batch_size, progress, on_warning=lambda m: console.print(f"[yellow]{m}"))
         return {
-            "layer_range": [start, end],
             "attention_units": [adapter.group_size(GroupKey(i, "attention")) for i in range(adapter.num_layers)],
             "mlp_units": [adapter.group_size(GroupKey(i, "mlp")) for i in range(adapter.num_layers)],
-            "kept_units": kept,
+            "kept_units": {str(k): v for k, v in keep.items()},
+            "reconstruction": {"mode": cfg.reconstruct, "layers": removal.groups, "added_biases": removal.added_biases,
+                               "warnings": removal.warnings},
         }
 
     def _besa(self, windows, progress) -> dict:
@@ -183,10 +209,15 @@ _SHARED = {"model", "sparsity", "method", "calib", "calib_samples", "seqlen", "b
 
 
 def _relevant(method: str, key: str) -> bool:
+    structured = method in ("llm-pruner", "flap")
     if key in _SHARED:
-        return key != "units" or method == "llm-pruner"
+        return key != "units" or structured
+    if key.startswith("reconstruct"):
+        return structured
     if method == "wanda":
         return key == "sparsity_type"
     if method == "llm-pruner":
         return key.startswith("llmp_") or key == "global_ranking"
+    if method == "flap":
+        return False
     return key.startswith("besa_")

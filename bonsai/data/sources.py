@@ -1,4 +1,4 @@
-"""Text sources: hub datasets (wikitext2, c4), the shipped corpus (`kjv`, alias `tiny`), local files.
+"""Text sources: hub datasets (wikitext2, c4), the shipped corpora (`kjv`, alias `tiny`; `austen`), local files.
 
 Hub datasets are read from the local cache when the Hub cannot be reached; if they are not cached the
 user is told at once (instead of `datasets` retrying for ~20 s and printing a traceback).
@@ -15,8 +15,9 @@ from bonsai.errors import BonsaiError
 from bonsai.runtime import hub_reachable
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-SHIPPED_CORPUS = ASSETS / "kjv"
-DATASETS = ("wikitext2", "c4", "kjv")
+# Public-domain corpora in bonsai/assets/NAME/{train,test}.txt.gz, split by chapter (see their README.md).
+SHIPPED = ("kjv", "austen")
+DATASETS = ("wikitext2", "c4", *SHIPPED)
 ALIASES = {"tiny": "kjv", "wikitext": "wikitext2", "wikitext-2": "wikitext2"}
 
 # The shards used by Wanda/SparseGPT for C4.
@@ -95,9 +96,9 @@ def _hub_dataset(path: str, name: str | None, split: str, data_files: dict | Non
 def load_text(target: str, split: str = "test") -> TextData:
     """Documents for `target` (a dataset name or a local file). `split` is test/train/validation."""
     target = ALIASES.get(target, target)
-    if target == "kjv":
+    if target in SHIPPED:
         part = "train" if split == "train" else "test"
-        return TextData(name="kjv", split=part, documents=_open_text(SHIPPED_CORPUS / f"{part}.txt.gz").split("\n\n"))
+        return TextData(name=target, split=part, documents=_open_text(ASSETS / target / f"{part}.txt.gz").split("\n\n"))
     if target == "wikitext2":
         ds = _hub_dataset("wikitext", "wikitext-2-raw-v1", split, None, "wikitext2 (wikitext-2-raw-v1)")
         return TextData(name="wikitext2", split=split, documents=list(ds["text"]), joiner="\n\n")

@@ -12,7 +12,7 @@ from bonsai.data import load_text, tokenize_text
 from bonsai.data.sources import ALIASES
 from bonsai.errors import BonsaiError
 
-HELD_OUT_SPLIT = {"wikitext2": "validation", "c4": "validation", "kjv": "test"}
+HELD_OUT_SPLIT = {"wikitext2": "validation", "c4": "validation", "kjv": "test", "austen": "test"}
 C4_DEFAULT_SAMPLES = 30_000  # the paper's 30k sequences; the C4 shard itself holds far more
 
 

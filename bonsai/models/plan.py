@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 PLAN_KEY = "bonsai_plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: `linear_bias` (biases added by reconstruction); plans without it are version 1
 EMPTY_ATTENTION_ATTR = "_bonsai_empty_out_proj"
 
 
@@ -33,7 +33,9 @@ def empty_attention_forward(self, hidden_states, position_embeddings=None, atten
     return out_proj(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
 
 
-def _resize_linear(lin: nn.Linear, in_features: int, out_features: int) -> None:
+def _resize_linear(lin: nn.Linear, in_features: int, out_features: int, bias: bool | None = None) -> None:
+    if bias and lin.bias is None:  # a bias the family does not have, added by reconstruction
+        lin.bias = nn.Parameter(torch.zeros(lin.out_features, device=lin.weight.device, dtype=lin.weight.dtype))
     if (lin.in_features, lin.out_features) == (in_features, out_features):
         return
     device, dtype = lin.weight.device, lin.weight.dtype
@@ -47,8 +49,9 @@ def apply_plan(model: nn.Module, plan: dict) -> None:
     """Give `model` (built from the parent's config) the shapes and attributes recorded in `plan`."""
     if int(plan.get("version", 0)) > PLAN_VERSION:
         raise ValueError(f"pruning plan version {plan.get('version')} is newer than this code supports")
+    biases = set(plan.get("linear_bias", []))
     for path, (in_features, out_features) in plan.get("linear_shapes", {}).items():
-        _resize_linear(model.get_submodule(path), int(in_features), int(out_features))
+        _resize_linear(model.get_submodule(path), int(in_features), int(out_features), path in biases)
     for path, attrs in plan.get("attributes", {}).items():
         module = model.get_submodule(path)
         for name, value in attrs.items():

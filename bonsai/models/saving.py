@@ -6,6 +6,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from bonsai.adapters import get_adapter
@@ -19,23 +20,39 @@ MODELING_FILE = "modeling_bonsai.py"
 
 def record_plan(adapter: ArchAdapter) -> dict:
     """Describe the current (possibly pruned) block shapes so a fresh model can be rebuilt to match."""
-    layers, shapes, attributes, empty = [], {}, {}, {}
+    layers, shapes, attributes, empty, biases = [], {}, {}, {}, []
     prefix = {id(m): n for n, m in adapter.model.named_modules()}
+    fresh = _fresh_bias_layout(adapter)
     for i in range(adapter.num_layers):
         att, mlp = adapter.attention(i), adapter.mlp(i)
         layers.append({"attention_units": att.units, "mlp_units": mlp.units})
         for lin in [att.q, att.k, att.v, att.out, *mlp.inputs, mlp.out]:
             shapes[prefix[id(lin)]] = [lin.in_features, lin.out_features]
+            if lin.bias is not None and not fresh.get(prefix[id(lin)], False):
+                biases.append(prefix[id(lin)])
         attributes[prefix[id(att.module)]] = adapter.attention_attributes(att)
         if hasattr(att.module, EMPTY_ATTENTION_ATTR):
             empty[prefix[id(att.module)]] = getattr(att.module, EMPTY_ATTENTION_ATTR)
-    return {
-        "version": PLAN_VERSION,
+    plan = {
+        "version": PLAN_VERSION if biases else 1,
         "layers": layers,
         "linear_shapes": shapes,
         "attributes": attributes,
         "empty_attention": empty,
     }
+    if biases:
+        plan["linear_bias"] = biases
+    return plan
+
+
+def _fresh_bias_layout(adapter: ArchAdapter) -> dict[str, bool]:
+    """Which block linears have a bias in a model built from the config alone (no weights, meta device)."""
+    import transformers
+
+    config = adapter.model.config
+    with torch.device("meta"):
+        fresh = getattr(transformers, adapter.causal_lm_class)(config)
+    return {n: m.bias is not None for n, m in fresh.named_modules() if isinstance(m, nn.Linear)}
 
 
 def modeling_source(causal_lm_class: str) -> str:

@@ -11,15 +11,18 @@ from bonsai.errors import BonsaiError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 BONSAI_METHODS = ("bonsai", "prior-only", "no-regression", "random")
-BASELINE_METHODS = ("wanda", "llm-pruner", "besa")
+BASELINE_METHODS = ("wanda", "llm-pruner", "besa", "flap")
 METHODS = BONSAI_METHODS + BASELINE_METHODS
 # Each baseline's own calibration defaults (used unless the preset or a flag sets them).
 METHOD_DEFAULTS = {
     "wanda": {"calib": "c4", "calib_samples": 128},  # Wanda: 128 x 2048 tokens of C4
     "besa": {"calib": "c4", "calib_samples": 128},  # BESA: 128 x 2048 tokens of C4, 1 epoch
     "llm-pruner": {"calib_samples": 10, "seqlen": 128},  # LLM-Pruner: 10 samples of 128 tokens
+    "flap": {"calib_samples": 1024, "seqlen": 128},  # FLAP: 1024 samples of 128 tokens (wikitext2)
 }
-PRIOR_NAMES = ("wanda", "activation", "magnitude", "uniform")
+STRUCTURED_METHODS = BONSAI_METHODS + ("llm-pruner", "flap")
+PRIOR_NAMES = ("wanda", "activation", "magnitude", "uniform", "obs")
+SELECTIONS = ("probe", "paper")
 UNIT_KINDS = ("attention", "mlp")
 
 
@@ -30,7 +33,7 @@ class PruneConfig:
     model: str = "tiny"
     sparsity: float = 0.5
     method: str = "bonsai"
-    prior: str = "wanda"
+    prior: str = "obs"
     p_iter: float = 0.05
     samples: int = 200
     calib: str = "wikitext2"
@@ -39,12 +42,23 @@ class PruneConfig:
     batch_size: int = 1
     regression: str = "lasso"
     cv_folds: int = 5
+    # how sub-models are drawn and read: probe (one sub-model per group and depth, each group's measured cost
+    # spread over its units by their compensated errors) or paper (random unit masks, one regression
+    # coefficient per unit)
+    selection: str = "probe"
+    compensate: bool = True  # evaluate sub-models with their dropped units compensated (the refit to come)
+    utility: str = "kl"  # U of a sub-model: -(KL from the current model's next-token distributions), or -(LM loss)
+    per_parameter: bool = False  # paper selection: rank units by beta per parameter instead of beta
     units: str = "attention,mlp"
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
     device_map: str | None = None
     checkpoint_every: int = 10
+    # --- reconstruction after every removal (every structured method)
+    reconstruct: str | None = None  # lstsq for structured methods, none for unstructured ones (nothing to refit)
+    reconstruct_damp: float = 1e-2
+    reconstruct_samples: int | None = None  # windows for the refit (default: calib_samples)
     # --- Wanda / BESA (unstructured baselines)
     sparsity_type: str = "unstructured"
     # --- LLM-Pruner
@@ -76,6 +90,12 @@ class PruneConfig:
             raise BonsaiError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
         if self.prior not in PRIOR_NAMES:
             raise BonsaiError(f"unknown prior {self.prior!r}: choose from {', '.join(PRIOR_NAMES)}")
+        if self.utility not in ("loss", "kl"):
+            raise BonsaiError(f"unknown --utility {self.utility!r}: choose loss or kl")
+        if self.selection not in SELECTIONS:
+            raise BonsaiError(f"unknown --selection {self.selection!r}: choose from {', '.join(SELECTIONS)}")
+        if self.method == "no-regression" and self.selection != "paper":
+            raise BonsaiError("no-regression is an ablation of the paper's regression: use it with --selection paper")
         if self.regression not in ("lasso", "ridge"):
             raise BonsaiError(f"unknown regression {self.regression!r}: choose lasso or ridge")
         bad = [u for u in self.unit_kinds if u not in UNIT_KINDS] or (not self.unit_kinds and ["(none)"])
@@ -89,6 +109,19 @@ class PruneConfig:
             raise BonsaiError(f"--batch-size must be at least 1 (got {self.batch_size})")
         if self.method in BASELINE_METHODS:
             self._validate_baseline()
+        from bonsai.reconstruct import RECONSTRUCT_MODES
+
+        if self.reconstruct is None:
+            self.reconstruct = "lstsq" if self.method in STRUCTURED_METHODS else "none"
+        if self.reconstruct not in RECONSTRUCT_MODES:
+            raise BonsaiError(f"unknown --reconstruct {self.reconstruct!r}: choose from {', '.join(RECONSTRUCT_MODES)}")
+        if self.reconstruct != "none" and self.method not in STRUCTURED_METHODS:
+            raise BonsaiError(f"--reconstruct {self.reconstruct} refits the layers of structured methods; "
+                              f"{self.method} keeps every shape (use --reconstruct none)")
+        if not 0 <= self.reconstruct_damp < 1e3:
+            raise BonsaiError(f"--reconstruct-damp must be >= 0 (got {self.reconstruct_damp})")
+        if self.reconstruct_samples is not None and self.reconstruct_samples < 1:
+            raise BonsaiError(f"--reconstruct-samples must be at least 1 (got {self.reconstruct_samples})")
         if self.cv_folds < 2:
             raise BonsaiError(f"cv_folds must be at least 2 (got {self.cv_folds})")
         return self

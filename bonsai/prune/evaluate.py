@@ -14,20 +14,36 @@ from torch import nn
 
 from bonsai.adapters.base import ArchAdapter, GroupKey
 from bonsai.eval.perplexity import batch_nll, model_device
+from bonsai.finetune.distill import TopK, teacher_topk, topk_kl
 from bonsai.masking import UnitMasks
 from bonsai.prune.priors import NEEDS_ACTIVATIONS, ActivationStats, unit_prior
 
 
+REFERENCE_TOP_K = 64  # next-token log-probabilities kept per position for the KL utility
+
+
+def batch_kl(model: nn.Module, batch: torch.Tensor, reference: TopK) -> torch.Tensor:
+    """Summed KL(reference || model) over the next-token predictions of each row (top-k coarsened, float32)."""
+    logits = model(batch).logits[:, :-1]
+    return topk_kl(logits, reference.to(logits.device)).sum(dim=1)
+
+
 @torch.no_grad()
 def prior_pass(model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], windows: torch.Tensor,
-               prior: str, batch_size: int) -> tuple[dict[GroupKey, np.ndarray], float]:
-    """Per-unit prior of every group, and the mean calibration loss of the current model."""
+               prior: str, batch_size: int, reference: bool = False
+               ) -> tuple[dict[GroupKey, np.ndarray], float] | tuple[dict[GroupKey, np.ndarray], float, TopK]:
+    """Per-unit prior of every group, and the mean calibration loss of the current model; with `reference`,
+    also its next-token distributions on the windows (top-k), which the KL utility compares sub-models to."""
     device = model_device(model)
     nll, count = 0.0, 0
+    refs = []
     with ActivationStats(adapter, groups if prior in NEEDS_ACTIVATIONS else []) as stats:
         for start in range(0, len(windows), batch_size):
             batch = windows[start:start + batch_size].to(device)
-            nll += batch_nll(model, batch).double().sum().item()
+            logits = model(batch).logits
+            nll += _nll_from_logits(logits, batch).double().sum().item()
+            if reference:
+                refs.append(teacher_topk(logits[:, :-1], REFERENCE_TOP_K).to(torch.device("cpu")))
             count += batch.shape[0] * (batch.shape[1] - 1)
         tokens = stats.tokens_per_row * len(windows)
         priors = {}
@@ -35,20 +51,51 @@ def prior_pass(model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], w
             sq = stats.rows(key, "sq").sum(0) if prior in NEEDS_ACTIVATIONS else None
             ab = stats.rows(key, "abs").sum(0) if prior in NEEDS_ACTIVATIONS else None
             priors[key] = unit_prior(prior, adapter, key, sq, ab, tokens).double().numpy()
+    if reference:
+        ref = TopK(torch.cat([r.logprobs for r in refs]), torch.cat([r.ids for r in refs]), torch.cat([r.tail for r in refs]))
+        return priors, nll / count, ref
     return priors, nll / count
 
 
+def _nll_from_logits(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    targets = batch[:, 1:].to(logits.device)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                            reduction="none")
+    return nll.view(batch.shape[0], -1).sum(dim=1)
+
+
 class SubModelEvaluator:
-    """Evaluates U = -(mean LM loss) of sub-models given as per-group unit masks."""
+    """Evaluates U = -(mean LM loss) of sub-models given as per-group unit masks, or with a `reference`
+    U = -(mean KL from the current model's next-token distributions)."""
 
     def __init__(self, model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], windows: torch.Tensor,
-                 full_masks: dict[GroupKey, torch.Tensor], batch_size: int, prior: str | None = None):
+                 full_masks: dict[GroupKey, torch.Tensor], batch_size: int, prior: str | None = None,
+                 compensation: dict[GroupKey, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 candidates: dict[GroupKey, torch.Tensor] | None = None, reference: TopK | None = None):
+        """`compensation` (group -> (H^-1[:, C], C), see `bonsai.prune.compensation`) evaluates every sub-model
+        with its dropped units compensated; `candidates` (group -> candidate unit indices) then says which
+        columns of the full masks those are."""
         self.model, self.adapter, self.groups = model, adapter, groups
         self.windows = windows
         self.full_masks = full_masks  # group -> (n_samples, units) uint8
         self.batch_size = batch_size
         self.prior = prior  # when set, also collect per-sample priors (no-regression ablation)
+        self.compensation = compensation
+        self.candidates = candidates
+        self.reference = reference
         self.device = model_device(model)
+
+    def _masks(self):
+        if self.compensation is None:
+            return UnitMasks(self.adapter, self.groups)
+        from bonsai.prune.compensation import CompensatedMasks
+
+        return CompensatedMasks(self.adapter, {k: self.compensation[k] for k in self.groups})
+
+    def _row_masks(self, rows: torch.Tensor) -> dict[GroupKey, torch.Tensor]:
+        if self.compensation is None:
+            return {k: self.full_masks[k].index_select(0, rows) for k in self.groups}
+        return {k: self.full_masks[k].index_select(0, rows)[:, self.candidates[k]] for k in self.groups}
 
     @torch.no_grad()
     def evaluate(self, samples: list[int], on_row: Callable[[], None] | None = None
@@ -61,7 +108,7 @@ class SubModelEvaluator:
         collect = self.prior in NEEDS_ACTIVATIONS
         sample_sq = {k: None for k in self.groups} if collect else None
         sample_abs = {k: None for k in self.groups} if collect else None
-        masks = UnitMasks(self.adapter, self.groups)
+        masks = self._masks()
         # registered after the masks, so the statistics see the sub-model's (masked) activations
         stats = ActivationStats(self.adapter, self.groups) if collect else None
         try:
@@ -69,8 +116,13 @@ class SubModelEvaluator:
                 chunk = pairs[start:start + self.batch_size]
                 rows = torch.tensor([s for s, _ in chunk])
                 batch = self.windows[[w for _, w in chunk]].to(self.device)
-                masks.set({k: self.full_masks[k].index_select(0, rows) for k in self.groups})
-                row_nll = batch_nll(self.model, batch).double().cpu().numpy()
+                masks.set(self._row_masks(rows))
+                if self.reference is None:
+                    row_nll = batch_nll(self.model, batch).double().cpu().numpy()
+                else:
+                    w = torch.tensor([w for _, w in chunk])
+                    ref = TopK(self.reference.logprobs[w], self.reference.ids[w], self.reference.tail[w])
+                    row_nll = batch_kl(self.model, batch, ref).double().cpu().numpy()
                 for (s, _), v in zip(chunk, row_nll, strict=True):
                     nll[slot[s]] += v
                 if collect:

@@ -6,6 +6,7 @@ same point where masks act), per batch row, so they can also be aggregated per s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -15,6 +16,8 @@ from bonsai.adapters.base import ArchAdapter, GroupKey
 
 PRIORS: dict[str, Callable] = {}
 NEEDS_ACTIVATIONS = {"wanda", "activation"}
+# computed from each group's Gram matrix by `bonsai.prune.compensation.group_statistics`, not by these hooks
+NEEDS_GRAM = {"obs"}
 
 
 def register_prior(name: str):
@@ -38,7 +41,8 @@ class ActivationStats:
 
     def _hook(self, key: GroupKey, module, args):
         x = args[0].float()
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        # explicit token count: an emptied group has zero columns, where reshape(-1) would be ambiguous
+        x = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
         self.tokens_per_row = x.shape[1]
         self.sq[key].append(x.pow(2).sum(1).cpu())
         self.abs[key].append(x.abs().sum(1).cpu())
@@ -99,4 +103,6 @@ def uniform_prior(adapter: ArchAdapter, key: GroupKey, sq=None, absum=None, toke
 
 def unit_prior(name: str, adapter: ArchAdapter, key: GroupKey, sq: torch.Tensor | None,
                absum: torch.Tensor | None, tokens: int) -> torch.Tensor:
+    if name in NEEDS_GRAM:  # placeholder; the runner fills in the compensated errors
+        return torch.zeros(adapter.group_size(key))
     return PRIORS[name](adapter, key, sq, absum, tokens)

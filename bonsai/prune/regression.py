@@ -85,3 +85,4 @@ def fit_unit_scores(X: np.ndarray, y: np.ndarray, kind: str = "lasso", folds: in
         beta = coefs[:, -1]
     return RegressionResult(beta=np.asarray(beta, dtype=np.float64), alpha=best,
                             cv_tau=taus.get(best, float("nan")), taus=taus)
+

@@ -24,14 +24,18 @@ from bonsai.errors import BonsaiError
 from bonsai.io import write_json_atomic
 from bonsai.progress import console, make_progress
 from bonsai.prune.config import PruneConfig
+from bonsai.prune.compensation import group_statistics
 from bonsai.prune.evaluate import SubModelEvaluator, prior_pass
+from bonsai.prune.priors import NEEDS_GRAM
 from bonsai.prune.regression import fit_unit_scores
-from bonsai.prune.sampling import candidate_units, sample_masks
+from bonsai.prune.sampling import candidate_units, probe_masks, sample_masks
 from bonsai.prune.selection import select_removals
 from bonsai.prune.state import IterationState, RunState, StateStore
+from bonsai.reconstruct import RemovalReport, remove_units
 from bonsai.runtime import peak_memory
 
 ABORT_ENV = "BONSAI_ABORT_AFTER_EVALS"  # tests: simulate a crash after N sub-model evaluations
+ABORT_RECON_ENV = "BONSAI_ABORT_IN_RECONSTRUCTION"  # tests: "T:B" crashes iteration T's refit after block B
 
 
 @dataclass
@@ -122,11 +126,26 @@ class PruneRun:
             self.store.save(state)
 
     def _restore(self, state: RunState) -> None:
-        """Rebuild the pruned model of a previous process: one exact slicing of the original."""
+        """Rebuild the pruned model of a previous process: one exact slicing of the original, then the
+        refit output projections of the last finished iteration."""
         for key in self.groups:
             kept = state.kept[str(key)]
             if len(kept) != self.adapter.group_size(key):
                 self.adapter.slice(key, torch.tensor(kept, dtype=torch.long))
+        if not state.refit or state.finished:  # a finished run's weights are in the saved model
+            return
+        self._install_refit(self.store.load_weights(state.refit))
+
+    def _install_refit(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy refit output projections (from `_refit_tensors`) into the sliced model."""
+        with torch.no_grad():
+            for key in self.groups:
+                lin = self.adapter.output_projection(key)
+                lin.weight.copy_(tensors[f"{key}.weight"])
+                if f"{key}.bias" in tensors:
+                    if lin.bias is None:
+                        self.adapter.add_output_bias(key)
+                    lin.bias.copy_(tensors[f"{key}.bias"])
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
@@ -151,10 +170,13 @@ class PruneRun:
                 self._save(state)
                 if self.dist.is_main:
                     self.store.clear_iteration()
+                    self.store.prune_weights(keep=state.refit)
                 progress.update(it_task, completed=t + 1, info=f"sparsity {state.history[-1]['sparsity']:.3f}")
             progress.update(it_task, completed=b.iterations)
         state.finished = True
         self._save(state)
+        if self.dist.is_main:
+            self.store.prune_weights(keep=None)  # the finished model holds them
         report = self._finish(state) if self.dist.is_main else self._report(state)
         self.dist.barrier()
         return report
@@ -165,6 +187,7 @@ class PruneRun:
         removed = b.block_params - adapter.block_parameters()
         need = min((t + 1) * b.step, b.target_removed) - removed
         windows = self._windows(t)
+        self._compensation = self._reference = None
         it = self.store.load_iteration(t)
         if it is None:
             it = self._start_iteration(t, windows)
@@ -178,7 +201,15 @@ class PruneRun:
             self._evaluate_pending(it, keys, offsets, windows, progress)
         reg = None
         finite = np.isfinite(it.utility) & it.done
-        if cfg.method == "bonsai":
+        probe = None
+        if cfg.selection == "probe" and cfg.method in ("bonsai", "prior-only"):
+            cand_error = np.concatenate([it.unit_error[str(k)][it.candidates[str(k)]] for k in keys]) if keys else np.zeros(0)
+            if cfg.method == "bonsai":
+                unit_beta, probe = _probe_sensitivities(it, keys, offsets, cand_error, base=cfg.utility == "loss")
+            else:  # no measurement: one common sensitivity, the compensated errors alone decide
+                unit_beta = np.ones(len(cand_error))
+            scores = unit_beta * cand_error / cand_params  # utility lost per parameter removed
+        elif cfg.method == "bonsai":
             if finite.sum() < 4:
                 console.print(f"[yellow]iteration {t + 1}: only {finite.sum()} finite utilities; scoring by the prior")
                 scores = cand_prior
@@ -186,6 +217,8 @@ class PruneRun:
                 reg = fit_unit_scores(it.masks[finite].astype(np.float64), it.utility[finite], cfg.regression,
                                       folds=cfg.cv_folds, seed=cfg.seed + t)
                 scores = reg.beta
+            if cfg.per_parameter:
+                scores = scores / cand_params
         elif cfg.method == "no-regression":
             scores = np.where(it.nr_count > 0, it.nr_sum / np.maximum(it.nr_count, 1), cand_prior)
         elif cfg.method == "prior-only":
@@ -193,7 +226,7 @@ class PruneRun:
         else:  # random
             scores = _rng(cfg.seed, t, 2).random(len(cand_prior))
         drop = self.dist.broadcast(select_removals(scores, cand_prior, cand_params, need))
-        self._apply(keys, offsets, it, drop, state)
+        removal = self._apply(t, keys, offsets, it, drop, state, progress)
         n_bad = int((~np.isfinite(it.utility) & it.done).sum())
         if n_bad:
             console.print(f"[yellow]iteration {t + 1}: {n_bad} sub-model(s) had a non-finite loss and were left out of the fit")
@@ -209,7 +242,9 @@ class PruneRun:
             "sub_models": int(it.done.sum()),
             "non_finite": n_bad,
             "cv_tau": None if reg is None else _finite_or_none(reg.cv_tau),
-            "penalty": None if reg is None else reg.alpha,
+            "penalty": None if reg is None else _finite_or_none(reg.alpha),
+            "probe_increase": probe,
+            "reconstruction": _summary(removal),
             "calib_loss": it.base_loss,
             "calib_ppl": math.exp(it.base_loss) if it.base_loss < 700 else float("inf"),
             "seconds": time.time() - start,
@@ -221,17 +256,57 @@ class PruneRun:
         return calibration_windows(self.tokenizer, self.cfg.calib, self.cfg.calib_samples, self.seqlen,
                                    seed=self.cfg.seed * 100003 + t)
 
+    def _needs_gram(self) -> bool:
+        """Whether this run needs each group's Gram matrix at the start of an iteration."""
+        cfg = self.cfg
+        return cfg.prior in NEEDS_GRAM or cfg.selection == "probe" or (cfg.compensate and self._evaluates())
+
+    def _evaluates(self) -> bool:
+        return self.cfg.method in ("bonsai", "no-regression")
+
+    def _gram_pass(self, windows: torch.Tensor, priors: dict) -> tuple[dict, dict]:
+        """Compensated unit errors of every group and, when sub-models are compensated, the candidates'
+        columns of each H^-1 (kept in memory only, recomputed on resume). It reads the refit's windows: more
+        tokens than the sub-models' windows (a Gram matrix is as wide as the layer), and independent of them,
+        so a compensated sub-model is scored out of sample, as the final refit will be."""
+        cfg = self.cfg
+        stats, inverses = group_statistics(self.model, self.adapter, self.groups, windows, cfg.batch_size,
+                                           damp=cfg.reconstruct_damp, keep_inverse=cfg.compensate)
+        errors = {k: stats[k].unit_error.numpy() for k in self.groups}
+        compensation = {}
+        for key, hinv in inverses.items():
+            score = errors[key] if cfg.prior in NEEDS_GRAM else priors[key]
+            cand = torch.from_numpy(candidate_units(score, cfg.p_iter))
+            width = self.adapter.unit_width(key)
+            cols = (cand[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+            compensation[key] = (hinv[:, cols.to(hinv.device)].clone(), cols)
+        return errors, compensation
+
     def _start_iteration(self, t: int, windows: torch.Tensor) -> IterationState:
         cfg = self.cfg
-        priors, base_loss = prior_pass(self.model, self.adapter, self.groups, windows, cfg.prior, cfg.batch_size)
+        if cfg.utility == "kl" and self._evaluates():
+            priors, base_loss, self._reference = prior_pass(self.model, self.adapter, self.groups, windows, cfg.prior,
+                                                            cfg.batch_size, reference=True)
+        else:
+            priors, base_loss = prior_pass(self.model, self.adapter, self.groups, windows, cfg.prior, cfg.batch_size)
+        errors = {}
+        if self._needs_gram():
+            errors, self._compensation = self._gram_pass(self._recon_windows(t), priors)
+            if cfg.prior in NEEDS_GRAM:
+                priors = dict(errors)
         candidates = {str(k): candidate_units(priors[k], cfg.p_iter) for k in self.groups}
         cand_priors = [priors[k][candidates[str(k)]] for k in self.groups if len(candidates[str(k)])]
         total = sum(len(c) for c in cand_priors)
-        n = cfg.samples if cfg.method in ("bonsai", "no-regression") else 0
-        masks = sample_masks(cand_priors, n, _rng(cfg.seed, t, 1)) if n else np.zeros((0, total), np.uint8)
+        n = cfg.samples if self._evaluates() else 0
+        if n and cfg.selection == "probe":
+            masks = probe_masks(cand_priors, levels=max(1, cfg.samples // max(1, len(cand_priors))))
+            n = len(masks)
+        else:
+            masks = sample_masks(cand_priors, n, _rng(cfg.seed, t, 1)) if n else np.zeros((0, total), np.uint8)
         it = IterationState(iteration=t, prior={str(k): v for k, v in priors.items()}, candidates=candidates,
                             masks=masks, utility=np.full(n, np.nan), done=np.zeros(n, bool), base_loss=base_loss,
-                            nr_sum=np.zeros(total), nr_count=np.zeros(total))
+                            nr_sum=np.zeros(total), nr_count=np.zeros(total),
+                            unit_error={str(k): v for k, v in errors.items()})
         if self.dist.is_main:
             self.store.save_iteration(it)
         return it
@@ -249,8 +324,21 @@ class PruneRun:
         pending = [i for i in range(len(it.masks)) if not it.done[i]]
         if not pending:
             return
+        compensation = None
+        if cfg.compensate:
+            if self._compensation is None:  # resumed mid-iteration: the same pass again
+                _, self._compensation = self._gram_pass(self._recon_windows(it.iteration),
+                                                        {GroupKey.parse(k): v for k, v in it.prior.items()})
+            # every replica compensates with the main process's matrices (other thread counts round differently)
+            compensation = self._compensation = self.dist.broadcast(self._compensation)
+        if cfg.utility == "kl" and self._reference is None:  # resumed mid-iteration: the same forward again
+            *_, self._reference = prior_pass(self.model, self.adapter, [], windows, "uniform", cfg.batch_size,
+                                             reference=True)
         evaluator = SubModelEvaluator(self.model, self.adapter, keys, windows, self._full_masks(it, keys, offsets),
-                                      cfg.batch_size, prior=cfg.prior if cfg.method == "no-regression" else None)
+                                      cfg.batch_size, prior=cfg.prior if cfg.method == "no-regression" else None,
+                                      compensation=compensation,
+                                      candidates={k: torch.from_numpy(it.candidates[str(k)]) for k in keys},
+                                      reference=self._reference if cfg.utility == "kl" else None)
         task = progress.add_task(f"sub-models (iter {it.iteration + 1})", total=len(it.masks) * len(windows),
                                  completed=int(it.done.sum()) * len(windows), info="")
         abort_after = int(os.environ.get(ABORT_ENV, "0"))
@@ -269,6 +357,7 @@ class PruneRun:
             if abort_after and self.evals_this_process >= abort_after:
                 os._exit(75)  # simulated crash, after the checkpoint, for the resume tests
         progress.remove_task(task)
+        self._compensation = None
 
     @staticmethod
     def _record(it: IterationState, keys, chunk: list[int], utility: np.ndarray, sample_prior) -> None:
@@ -280,16 +369,61 @@ class PruneRun:
             it.nr_sum += (per_unit * bits).sum(0)
             it.nr_count += bits.sum(0)
 
-    def _apply(self, keys, offsets, it: IterationState, drop: np.ndarray, state: RunState) -> None:
+    def _apply(self, t: int, keys, offsets, it: IterationState, drop: np.ndarray, state: RunState, progress
+               ) -> RemovalReport:
+        """Remove the chosen units (slice, and refit the output projections unless --reconstruct none)."""
+        keep = {}
         for j, key in enumerate(keys):
             local = drop[(drop >= offsets[j]) & (drop < offsets[j + 1])] - offsets[j]
             if len(local) == 0:
                 continue
             removed_units = set(it.candidates[str(key)][local].tolist())
-            keep = [u for u in range(self.adapter.group_size(key)) if u not in removed_units]
-            self.adapter.slice(key, torch.tensor(keep, dtype=torch.long))
+            keep[key] = [u for u in range(self.adapter.group_size(key)) if u not in removed_units]
+        cfg = self.cfg
+        refit = cfg.reconstruct != "none" and bool(keep)
+        if refit and self.dist.enabled:
+            # the refit runs once, on the main process (replicas with other thread counts would round
+            # differently); the others slice and receive its weights
+            report, tensors = None, None
+            if self.dist.is_main:
+                report = remove_units(self.model, self.adapter, keep, self._recon_windows(t), cfg.reconstruct,
+                                      cfg.reconstruct_damp, cfg.batch_size, progress,
+                                      on_warning=lambda m: console.print(f"[yellow]{m}"))
+                tensors = self._refit_tensors()
+            report, tensors = self.dist.broadcast((report, tensors))
+            if not self.dist.is_main:
+                remove_units(self.model, self.adapter, keep, None, "none")
+                self._install_refit(tensors)
+        else:
+            report = remove_units(self.model, self.adapter, keep, self._recon_windows(t) if refit else None,
+                                  cfg.reconstruct, cfg.reconstruct_damp, cfg.batch_size, progress,
+                                  on_warning=lambda m: console.print(f"[yellow]{m}"), on_block=_abort_hook(t))
+        for key, kept in keep.items():
             original = state.kept[str(key)]
-            state.kept[str(key)] = [original[u] for u in keep]
+            state.kept[str(key)] = [original[u] for u in kept]
+        if cfg.reconstruct != "none":
+            state.refit = f"weights-{t + 1}.safetensors"
+            if self.dist.is_main:
+                self.store.save_weights(self._refit_tensors(), state.refit)
+        return report
+
+    def _recon_windows(self, t: int) -> torch.Tensor:
+        """The refit's windows (also the compensation statistics'): an independent draw from the calibration text,
+        not the sub-models' windows."""
+        from bonsai.data import calibration_windows
+
+        n = self.cfg.reconstruct_samples or self.cfg.calib_samples
+        return calibration_windows(self.tokenizer, self.cfg.calib, n, self.seqlen, seed=self.cfg.seed * 100003 + t + 50021)
+
+    def _refit_tensors(self) -> dict[str, torch.Tensor]:
+        """Every group's output projection (weight, bias): what reconstruction changes beyond slicing."""
+        out = {}
+        for key in self.groups:
+            lin = self.adapter.output_projection(key)
+            out[f"{key}.weight"] = lin.weight.detach().cpu().contiguous()
+            if lin.bias is not None:
+                out[f"{key}.bias"] = lin.bias.detach().cpu().contiguous()
+        return out
 
     # ---- output ---------------------------------------------------------------------------
     def _report(self, state: RunState) -> dict:
@@ -333,6 +467,62 @@ class PruneRun:
         for name in ("report.json", "report.png"):
             (self.out / ".bonsai" / name).unlink(missing_ok=True)
         return report
+
+
+def _abort_hook(t: int):
+    """Tests: exit like a crash in the middle of iteration t's reconstruction (see ABORT_RECON_ENV)."""
+    target = os.environ.get(ABORT_RECON_ENV, "")
+    if not target:
+        return None
+    iteration, block = (int(x) for x in target.split(":"))
+
+    def hook(i: int) -> None:
+        if t + 1 == iteration and i == block:
+            os._exit(75)
+    return hook
+
+
+def _probe_sensitivities(it: IterationState, keys, offsets: np.ndarray, cand_error: np.ndarray, base: bool = True
+                         ) -> tuple[np.ndarray, dict]:
+    """Per candidate unit: the measured loss increase per unit of compensated error at its depth in its group.
+
+    Each probe sub-model dropped the d lowest-prior candidates of one group; with the measured loss increases
+    dL(d) (d = 0 < d_1 < ... < c) and the summed compensated errors E(d) of those units, the units ranked in
+    (d_{j-1}, d_j] get (dL(d_j) - dL(d_{j-1})) / (E(d_j) - E(d_{j-1})): a piecewise-linear cost curve per group."""
+    increase = -it.utility - (it.base_loss if base else 0.0)  # per probe sub-model (KL utility: 0 for the model itself)
+    beta = np.full(len(cand_error), np.nan)
+    record = {}
+    for j, key in enumerate(keys):
+        lo, hi = offsets[j], offsets[j + 1]
+        rows = np.flatnonzero((it.masks[:, lo:hi] == 0).any(1) & it.done)
+        depth = (it.masks[rows, lo:hi] == 0).sum(1)
+        order = np.argsort(it.prior[str(key)][it.candidates[str(key)]], kind="stable")
+        err = cand_error[lo:hi]
+        prev_d, prev_loss, prev_e = 0, 0.0, 0.0
+        for d, loss in sorted(zip(depth.tolist(), increase[rows].tolist(), strict=True)):
+            e_sum = float(err[order[:d]].sum())
+            slope = np.inf if not np.isfinite(loss) else (loss - prev_loss) / max(e_sum - prev_e, 1e-30)
+            beta[lo + order[prev_d:d]] = slope
+            prev_d, prev_loss, prev_e = d, loss, e_sum
+        record[str(key)] = float(prev_loss)
+    positive = beta[np.isfinite(beta) & (beta > 0)]
+    floor = 1e-3 * float(np.median(positive)) if len(positive) else 1.0
+    beta = np.where(np.isnan(beta), floor, beta)  # units beyond every probed depth (cannot happen) and
+    return np.maximum(beta, floor), record      # measured gains from removal: the smallest cost
+
+
+def _summary(removal: RemovalReport) -> dict | None:
+    """Mean relative output error of the changed layers, dropped vs refit (report.json)."""
+    groups = removal.groups
+    if not groups:
+        return None
+    return {
+        "layers": len(groups),
+        "mean_error_dropped": float(np.mean([g["error_dropped"] for g in groups.values()])),
+        "mean_error_refit": float(np.mean([g["error_refit"] for g in groups.values()])),
+        "added_biases": removal.added_biases,
+        "warnings": removal.warnings,
+    }
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -52,3 +52,25 @@ def sample_masks(candidate_priors: list[np.ndarray], n_samples: int, rng: np.ran
         if i + 1 < n_samples:
             masks[i + 1] = ~keep
     return masks
+
+
+def probe_masks(candidate_priors: list[np.ndarray], levels: int) -> np.ndarray:
+    """(groups x levels, total candidates) 0/1 keep-array for the probe selection: one sub-model per group and
+    depth, dropping that group's ceil(c * l / levels) lowest-prior candidates (l = 1..levels) and nothing else."""
+    total = sum(len(p) for p in candidate_priors)
+    rows = []
+    offset = 0
+    for p in candidate_priors:
+        order = np.argsort(np.asarray(p, dtype=np.float64), kind="stable")
+        c = len(order)
+        for depth in probe_depths(c, levels):
+            row = np.ones(total, dtype=np.uint8)
+            row[offset + order[:depth]] = 0
+            rows.append(row)
+        offset += c
+    return np.stack(rows) if rows else np.zeros((0, total), dtype=np.uint8)
+
+
+def probe_depths(candidates: int, levels: int) -> list[int]:
+    """The distinct depths probed in a group of `candidates` candidates (the last is all of them)."""
+    return sorted({max(1, math.ceil(candidates * level / levels - 1e-9)) for level in range(1, levels + 1)})

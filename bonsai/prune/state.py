@@ -31,6 +31,7 @@ class RunState:
     finished: bool = False
     started: float = 0.0
     elapsed_before: float = 0.0
+    refit: str | None = None  # file in the state folder holding the refit output projections, if any
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -47,6 +48,7 @@ class IterationState:
     base_loss: float
     nr_sum: np.ndarray
     nr_count: np.ndarray
+    unit_error: dict[str, np.ndarray] = field(default_factory=dict)  # compensated errors (sensitivity selection)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         t = {
@@ -62,6 +64,8 @@ class IterationState:
             t[f"prior/{k}"] = torch.from_numpy(np.asarray(v, dtype=np.float64))
         for k, v in self.candidates.items():
             t[f"cand/{k}"] = torch.from_numpy(np.asarray(v, dtype=np.int64))
+        for k, v in self.unit_error.items():
+            t[f"err/{k}"] = torch.from_numpy(np.array(v, dtype=np.float64))  # a copy: it may be the prior itself
         return t
 
     @classmethod
@@ -72,6 +76,7 @@ class IterationState:
             candidates={k[5:]: v.numpy() for k, v in t.items() if k.startswith("cand/")},
             masks=t["masks"].numpy(), utility=t["utility"].numpy(), done=t["done"].numpy().astype(bool),
             base_loss=float(t["base_loss"][0]), nr_sum=t["nr_sum"].numpy(), nr_count=t["nr_count"].numpy(),
+            unit_error={k[4:]: v.numpy() for k, v in t.items() if k.startswith("err/")},
         )
 
 
@@ -86,6 +91,24 @@ class StateStore:
     @property
     def iteration_file(self) -> Path:
         return self.dir / "iteration.safetensors"
+
+    def save_weights(self, tensors: dict[str, torch.Tensor], name: str) -> None:
+        """Refit output projections, written before state.json names them (so a crash between the two
+        leaves the previous iteration's state and file intact)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / name
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+
+    def load_weights(self, name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.dir / name))
+
+    def prune_weights(self, keep: str | None) -> None:
+        """Delete every refit-weights file but `keep`."""
+        for path in self.dir.glob("weights-*.safetensors"):
+            if path.name != keep:
+                path.unlink()
 
     def exists(self) -> bool:
         return self.state_file.exists()

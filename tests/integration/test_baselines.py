@@ -64,3 +64,28 @@ def test_llm_pruner_cli_reloads_and_evaluates(monkeypatch, tmp_path, random_chec
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
     assert run_perplexity("kjv", str(out), seqlen=64, max_windows=2)["ppl"] > 1
+
+
+@pytest.mark.parametrize("reconstruct", ["bias", "lstsq"])
+def test_flap_cli_reaches_target_and_reloads_with_stock_transformers(monkeypatch, tmp_path, random_checkpoints,
+                                                                    reconstruct):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "flap"
+    src = str(random_checkpoints["llama"])
+    cli(monkeypatch, "prune", "--model", src, "--method", "flap", "--sparsity", "0.3", "--calib", "kjv",
+        "--calib-samples", "16", "--seqlen", "32", "--reconstruct", reconstruct, "--out", str(out))
+    report = json.loads((out / "report.json").read_text())
+    t = report["totals"]
+    removed = t["block_params_before"] - t["block_params_after"]
+    parent = get_adapter(load_model(src, device="cpu"))
+    max_unit = max(parent.params_per_unit(k) for k in parent.groups())
+    assert 0 <= removed - 0.3 * t["block_params_before"] < max_unit
+    assert report["settings"]["reconstruct"] == reconstruct and report["reconstruction"]["mode"] == reconstruct
+    mine = load_model(str(out), device="cpu")
+    stock = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    ids = torch.randint(0, 4000, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, mine(ids).logits, atol=1e-5, rtol=0)
+    if reconstruct == "bias":  # FLAP's compensation gives LLaMA output biases, recorded in the plan
+        assert json.loads((out / "config.json").read_text())["bonsai_plan"]["linear_bias"]

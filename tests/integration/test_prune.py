@@ -36,6 +36,8 @@ def tiny_runs(tmp_path_factory):
     for method in ("bonsai", "random"):
         runs[method] = prune(root / method, model="tiny", sparsity=0.3, method=method, p_iter=0.1, samples=32,
                              seqlen=128, calib_samples=16)
+    runs["paper"] = prune(root / "paper", model="tiny", sparsity=0.3, p_iter=0.1, samples=32, seqlen=128, calib_samples=16,
+                          selection="paper", prior="wanda", compensate=False, utility="loss", reconstruct="none")
     return root, runs
 
 
@@ -47,9 +49,14 @@ def test_tiny_sparsity_reached_within_one_unit(tiny_runs):
     target = 0.3 * t["block_params_before"]
     assert 0 <= removed - target < t["max_unit_params"]
     assert len(report["iterations"]) >= 3
-    for h in report["iterations"]:
-        assert h["sub_models"] == 32 and h["cv_tau"] is not None and h["penalty"] > 0
+    for h in report["iterations"]:  # probe: 32 sub-models allow two depths in each of the 12 groups
+        assert h["sub_models"] == 24 and len(h["probe_increase"]) == 12
+        assert all(v > 0 for v in h["probe_increase"].values())  # KL from the current model
+        assert h["reconstruction"]["mean_error_refit"] < h["reconstruction"]["mean_error_dropped"]
     assert (root / "bonsai" / "report.png").stat().st_size > 0
+    paper = json.loads((root / "paper" / "report.json").read_text())
+    for h in paper["iterations"]:
+        assert h["sub_models"] == 32 and h["cv_tau"] is not None and h["penalty"] > 0
 
 
 def test_tiny_output_reloads_with_stock_transformers(tiny_runs):
@@ -73,11 +80,16 @@ def test_bonsai_beats_random(tiny_runs):
     assert ppl["bonsai"] < ppl["random"]
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("selection,abort", [("probe", "18"), ("paper", "12")])
+def test_resume_equals_uninterrupted(tmp_path, selection, abort):
+    """Killed in the second iteration's sub-models (probe: 12 per iteration, recomputing the compensation on
+    resume; paper: 8 per iteration), the rerun finishes with the uninterrupted run's bytes."""
     args = [sys.executable, "-m", "bonsai", "prune", "--model", "tiny", "--sparsity", "0.2", "--p-iter", "0.1",
             "--samples", "8", "--calib", "kjv", "--seqlen", "32", "--calib-samples", "4", "--batch-size", "8",
-            "--checkpoint-every", "2"]
-    env = dict(os.environ, BONSAI_ABORT_AFTER_EVALS="12")  # dies in the second iteration, mid-way
+            "--checkpoint-every", "2", "--selection", selection]
+    if selection == "paper":
+        args += ["--prior", "wanda", "--no-compensate", "--utility", "loss"]
+    env = dict(os.environ, BONSAI_ABORT_AFTER_EVALS=abort)  # dies in the second iteration, mid-way
     crashed = subprocess.run(args + ["--out", str(tmp_path / "resumed")], env=env, capture_output=True, text=True,
                              timeout=600)
     assert crashed.returncode == 75, crashed.stderr
@@ -108,7 +120,8 @@ def test_families_prune_and_reload(family, random_checkpoints, tmp_path):
 
 @pytest.mark.parametrize("method", ["prior-only", "no-regression"])
 def test_ablations_run(method, tmp_path):
-    run, report = prune(tmp_path / method, model="tiny", sparsity=0.1, p_iter=0.1, samples=8, method=method)
+    paper = dict(selection="paper", prior="wanda") if method == "no-regression" else {}
+    run, report = prune(tmp_path / method, model="tiny", sparsity=0.1, p_iter=0.1, samples=8, method=method, **paper)
     assert report["totals"]["sparsity"] >= 0.1
     assert math.isfinite(report["iterations"][0]["calib_ppl"])
 
@@ -130,9 +143,12 @@ def test_two_processes_equal_one(tmp_path):
     args = [sys.executable, "-m", "bonsai", "prune", "--model", "tiny", "--sparsity", "0.2", "--p-iter", "0.1",
             "--samples", "8", "--calib", "kjv", "--seqlen", "32", "--calib-samples", "4", "--batch-size", "8",
             "--checkpoint-every", "2"]
-    one = subprocess.run(args + ["--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600)
+    # torch.distributed.run gives each process one thread; the reference runs with one too, so that the
+    # reconstruction's float reductions (done once, on the main process) round the same way
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run(args + ["--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600, env=env)
     two = subprocess.run(args + ["--out", str(tmp_path / "two"), "--processes", "2"], capture_output=True, text=True,
-                         timeout=600)
+                         timeout=600, env=env)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     a = load_file(tmp_path / "one" / "model.safetensors")
@@ -157,9 +173,21 @@ def test_non_finite_utilities_are_left_out(tmp_path, monkeypatch):
         return utility, prior
 
     monkeypatch.setattr(evaluate.SubModelEvaluator, "evaluate", overflowing)
-    _, report = prune(tmp_path / "o", model="tiny", sparsity=0.1, p_iter=0.1, samples=12)
+    _, report = prune(tmp_path / "o", model="tiny", sparsity=0.1, p_iter=0.1, samples=12, selection="paper",
+                      prior="wanda", utility="loss")
     it = report["iterations"][0]
     assert it["non_finite"] == 4 and it["cv_tau"] is not None
+    # probe: a group whose probe overflowed is treated as infinitely costly, so it keeps its units
+    _, report = prune(tmp_path / "p", model="tiny", sparsity=0.1, p_iter=0.1, samples=12)
+    it = report["iterations"][0]
+    assert it["non_finite"] == 4
+    overflowed = [k for j, k in enumerate(it["probe_increase"]) if j % 3 == 0]
+    first = report["kept_units"]
+    assert all(len(first[k]) == len(set(first[k])) and len(first[k]) == _units(k) for k in overflowed)
+
+
+def _units(key: str) -> int:
+    return {"attention": 6, "mlp": 512}[key.split(".")[1]]
 
 
 def test_prune_with_accelerate_placement(tmp_path):
@@ -170,3 +198,72 @@ def test_prune_with_accelerate_placement(tmp_path):
     ids = torch.randint(0, 4000, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, run.model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_resume_after_crash_mid_reconstruction_is_bit_identical(tmp_path):
+    args = [sys.executable, "-m", "bonsai", "prune", "--model", "tiny", "--sparsity", "0.2", "--p-iter", "0.1",
+            "--samples", "6", "--calib", "kjv", "--seqlen", "32", "--calib-samples", "4", "--batch-size", "8",
+            "--reconstruct", "lstsq", "--reconstruct-samples", "6"]
+    env = dict(os.environ, BONSAI_ABORT_IN_RECONSTRUCTION="2:2")  # iteration 2, after refitting blocks 0-2
+    crashed = subprocess.run(args + ["--out", str(tmp_path / "resumed")], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert crashed.returncode == 75, crashed.stderr
+    state = json.loads((tmp_path / "resumed" / ".bonsai" / "state.json").read_text())
+    assert state["completed_iterations"] == 1 and state["refit"] == "weights-1.safetensors"
+    resumed = subprocess.run(args + ["--out", str(tmp_path / "resumed")], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    straight = subprocess.run(args + ["--out", str(tmp_path / "straight")], capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    a = load_file(tmp_path / "resumed" / "model.safetensors")
+    b = load_file(tmp_path / "straight" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "resumed" / ".bonsai").glob("weights-*"))  # the finished model holds them
+
+
+def test_reconstruct_none_leaves_the_kept_weights_untouched(tmp_path):
+    """--reconstruct none is the paper's algorithm: the output is an exact slice of the parent."""
+    from bonsai.adapters import GroupKey, get_adapter
+
+    run, report = prune(tmp_path / "o", model="tiny", sparsity=0.2, p_iter=0.1, samples=8, reconstruct="none")
+    parent = load_model("tiny", device="cpu")
+    adapter = get_adapter(parent)
+    for key, kept in report["kept_units"].items():
+        adapter.slice(GroupKey.parse(key), torch.tensor(kept, dtype=torch.long))
+    saved = load_model(str(tmp_path / "o"), device="cpu")
+    for (name, a), (_, b) in zip(parent.state_dict().items(), saved.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert all(h["reconstruction"] is None or h["reconstruction"]["layers"] == 0 for h in report["iterations"])
+
+
+def test_reconstruction_lowers_the_pruned_models_loss(tmp_path):
+    base = dict(model="tiny", sparsity=0.3, p_iter=0.1, samples=8, method="prior-only", seqlen=64, calib_samples=8)
+    ppl = {mode: run_perplexity("kjv", str(prune(tmp_path / mode, reconstruct=mode, **base)[0].out), seqlen=128,
+                                max_windows=16, device="cpu")["ppl"] for mode in ("none", "lstsq")}
+    assert ppl["lstsq"] < ppl["none"]
+
+
+@pytest.mark.parametrize("selection", ["paper", "probe"])
+def test_layers_emptied_and_pruned_further(tmp_path, random_checkpoints, selection):
+    """A layer whose attention (and another whose MLP) is emptied goes on through priors, sampling, compensated
+    evaluation, reconstruction and further iterations, then saves and reloads."""
+    from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
+    from bonsai.models.saving import save_pruned
+
+    model = load_model(str(random_checkpoints["llama"]), device="cpu")
+    adapter = get_adapter(model)
+    adapter.slice(GroupKey(1, ATTENTION), torch.tensor([], dtype=torch.long))
+    adapter.slice(GroupKey(2, MLP), torch.tensor([], dtype=torch.long))
+    save_pruned(model, None, tmp_path / "parent")
+    from bonsai.models.loading import load_tokenizer
+
+    tok = load_tokenizer(str(random_checkpoints["llama"]))
+    for prior in ("wanda", "obs"):
+        cfg = PruneConfig(**dict(FAST, model=str(tmp_path / "parent"), sparsity=0.4, p_iter=0.1, samples=8,
+                                 selection=selection, prior=prior, compensate=True)).validate()
+        run = PruneRun(cfg, tmp_path / f"{selection}-{prior}", tokenizer=tok)
+        report = run.run()
+        assert len(report["iterations"]) >= 3 and report["totals"]["sparsity"] > 0.3
+        reloaded = load_model(str(tmp_path / f"{selection}-{prior}"), device="cpu")
+        ids = torch.randint(0, 4000, (2, 16))
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(ids).logits, run.model(ids).logits, atol=1e-5, rtol=0)

@@ -45,3 +45,4 @@ def test_penalty_choice_is_by_kendall_tau():
     result = fit_unit_scores(X, y, "lasso", seed=0)
     finite = {a: t for a, t in result.taus.items() if np.isfinite(t)}
     assert result.cv_tau == pytest.approx(max(finite.values()))
+

@@ -39,3 +39,20 @@ def test_same_seed_same_masks():
     a = sample_masks(priors, 8, np.random.default_rng([3, 1, 1]))
     b = sample_masks(priors, 8, np.random.default_rng([3, 1, 1]))
     assert np.array_equal(a, b)
+
+
+def test_probe_masks_drop_one_group_at_each_depth():
+    from bonsai.prune.sampling import probe_depths, probe_masks
+
+    priors = [np.array([0.3, 0.1, 0.2, 0.9]), np.array([0.5]), np.array([0.4, 0.8, 0.6, 0.1, 0.2, 0.7])]
+    masks = probe_masks(priors, levels=2)
+    assert probe_depths(4, 2) == [2, 4] and probe_depths(1, 2) == [1] and probe_depths(6, 2) == [3, 6]
+    assert masks.shape == (2 + 1 + 2, 11)
+    offsets = [0, 4, 5, 11]
+    expect_groups = [0, 0, 1, 2, 2]
+    for row, group in zip(masks, expect_groups, strict=True):
+        dropped = np.flatnonzero(row == 0)
+        assert dropped.min() >= offsets[group] and dropped.max() < offsets[group + 1]  # one group only
+        local = dropped - offsets[group]
+        order = np.argsort(priors[group], kind="stable")
+        assert set(local) == set(order[:len(local)])  # its lowest-prior candidates

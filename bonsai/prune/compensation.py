@@ -1,0 +1,171 @@
+"""Compensated unit errors and compensated sub-models: selection that sees the refit coming.
+
+The refit of `bonsai.reconstruct` changes which units matter: a unit whose output the others can take
+over costs little once the output projection is refit, however large its activations. Two things here
+measure units *after* compensation, from the Gram matrix G of each output projection's input (forward
+passes only):
+
+* the compensated error of removing unit u alone (structured optimal brain surgeon, with H = G + lambda I):
+      e_u = tr(W_u [(H^-1)_uu]^-1 W_u^T)           (W_u: the unit's columns of the output projection)
+  expressed relative to the power of the residual stream entering the block, so that groups of different
+  layers are on one scale;
+* compensated sub-models: when the units R of a group are dropped, the optimal update of the remaining
+  weights is  W' = W - W_R [(H^-1)_RR]^-1 (H^-1)_R,:  (its columns R are zero), so a sub-model's output
+  projection computes  W x - (x M_R^T) W_R^T  with  M_R = [(H^-1)_RR]^-1 (H^-1)_R,: . Only the candidates'
+  columns of H^-1 are kept, and the correction is a low-rank term per batch row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from bonsai.adapters.base import ATTENTION, MLP, ArchAdapter, GroupKey
+from bonsai.reconstruct import DEFAULT_DAMP, GramStats, gram_dtype
+
+
+@dataclass
+class GroupStats:
+    """What one group's Gram matrix says about its units (current model, calibration windows)."""
+
+    unit_error: torch.Tensor  # (units,) compensated error of removing each unit alone, relative to residual power
+    hinv_cand: torch.Tensor | None = None  # (in, |candidate columns|) columns of H^-1 for the candidates
+    cand_cols: torch.Tensor | None = None  # candidate columns (unit-expanded), in candidate order
+
+
+def damped_inverse(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """(G + damp * mean(diag G) I)^-1 through Cholesky, raising the damping until it is positive definite."""
+    n = gram.shape[0]
+    scale = float(gram.diagonal().mean()) if n else 1.0
+    scale = scale if scale > 0 else 1.0
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+    d = damp
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(gram + d * scale * eye)
+        if int(info) == 0:
+            return torch.cholesky_inverse(factor)
+        d = max(d * 10, 1e-6)
+    return torch.linalg.pinv(gram + d * scale * eye)
+
+
+def obs_unit_errors(weight: torch.Tensor, hinv: torch.Tensor, width: int) -> torch.Tensor:
+    """e_u = tr(W_u [(H^-1)_uu]^-1 W_u^T) for every unit u of `width` consecutive columns."""
+    W = weight.detach().to(hinv.dtype)
+    n_units = W.shape[1] // width
+    if n_units == 0:
+        return torch.zeros(0, dtype=hinv.dtype)
+    if width == 1:
+        return (W.pow(2).sum(0) / hinv.diagonal().clamp_min(1e-30)).cpu()
+    idx = torch.arange(W.shape[1], device=hinv.device).view(n_units, width)
+    blocks = hinv[idx[:, :, None], idx[:, None, :]]  # (units, w, w)
+    Wu = W.t().reshape(n_units, width, -1)  # (units, w, out)
+    sol = torch.linalg.solve(blocks, Wu)  # [(H^-1)_uu]^-1 W_u^T
+    return (Wu * sol).sum((1, 2)).cpu()
+
+
+@torch.no_grad()
+def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], windows: torch.Tensor,
+                     batch_size: int, damp: float = DEFAULT_DAMP, keep_inverse: bool = False
+                     ) -> tuple[dict[GroupKey, GroupStats], dict[GroupKey, torch.Tensor]]:
+    """Compensated unit errors of every group, block by block on the current model (one Gram matrix at a
+    time). With `keep_inverse`, also return each group's full H^-1 (the caller keeps the candidates' columns)."""
+    from bonsai.baselines.layerwise import block_outputs, capture_block_inputs
+
+    layers = adapter.layers()
+    wanted = {k.layer for k in groups}
+    inputs = capture_block_inputs(model, layers, windows, batch_size)
+    stats: dict[GroupKey, GroupStats] = {}
+    inverses: dict[GroupKey, torch.Tensor] = {}
+    for i in range(max(wanted) + 1 if wanted else 0):
+        here = [k for k in groups if k.layer == i and adapter.group_size(k) > 0]
+        if here:
+            residual = sum(float(h.to(gram_dtype(h.device)).pow(2).sum()) for h in inputs.hidden)
+            residual = residual if residual > 0 else 1.0
+            with GramStats({k: adapter.output_projection(k) for k in here}) as grams:
+                outputs = block_outputs(layers[i], inputs)
+            for key in here:
+                hinv = damped_inverse(grams.gram[key], damp)
+                err = obs_unit_errors(adapter.output_projection(key).weight, hinv, adapter.unit_width(key))
+                stats[key] = GroupStats(unit_error=(err / residual).double())
+                if keep_inverse:
+                    inverses[key] = hinv
+            del grams
+        else:
+            outputs = block_outputs(layers[i], inputs)
+        for key in groups:
+            if key.layer == i and key not in stats:
+                stats[key] = GroupStats(unit_error=torch.zeros(0, dtype=torch.float64))
+        inputs.hidden = outputs
+    return stats, inverses
+
+
+class CompensatedMasks:
+    """Sub-models whose dropped units are compensated by the optimal update of the remaining weights.
+
+    Forward hooks on each group's output projection subtract the low-rank term (x M_R^T) W_R^T per batch
+    row, R being the row's dropped candidate columns (see module doc); rows may belong to different
+    sub-models. `set` takes, per group, a (rows, candidate units) 0/1 keep matrix over the candidates.
+    """
+
+    def __init__(self, adapter: ArchAdapter, inverses: dict[GroupKey, tuple[torch.Tensor, torch.Tensor]]):
+        """`inverses[group]` = (H^-1[:, C], C) with C the candidate columns in candidate-unit order."""
+        self.adapter = adapter
+        self.inverses = inverses
+        self._keep: dict[GroupKey, torch.Tensor] = {}
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles = [adapter.output_projection(k).register_forward_hook(partial(self._hook, k)) for k in inverses]
+
+    def set(self, keep: dict[GroupKey, torch.Tensor]) -> None:
+        self._keep = {k: torch.as_tensor(v).bool() for k, v in keep.items()}
+
+    def _correction(self, key: GroupKey, dropped_units: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M_R, W_R) for the dropped candidate units, cached for the sub-model's next windows."""
+        cache_key = (key, dropped_units)
+        if cache_key not in self._cache:
+            if len(self._cache) > 4 * len(self.inverses):
+                self._cache.clear()
+            hinv_c, cols = self.inverses[key]
+            width = self.adapter.unit_width(key)
+            pos = (torch.tensor(dropped_units)[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+            pos = pos.to(hinv_c.device)
+            R = cols.to(hinv_c.device)[pos]
+            h_RR = hinv_c[R][:, pos]  # (H^-1)_RR
+            M = torch.linalg.solve(h_RR, hinv_c[:, pos].t())  # [(H^-1)_RR]^-1 (H^-1)_R,:
+            W = self.adapter.output_projection(key).weight
+            # float32 whatever the model dtype: the term cancels the dropped columns' share of W x
+            self._cache[cache_key] = (M.float(), W[:, R].float())
+        return self._cache[cache_key]
+
+    def _hook(self, key: GroupKey, module: nn.Linear, args, output: torch.Tensor) -> torch.Tensor:
+        keep = self._keep.get(key)
+        if keep is None:
+            return output
+        x = args[0]
+        out = output.clone()
+        rows = keep if keep.dim() == 2 else keep[None].expand(x.shape[0], -1)
+        for r in range(x.shape[0]):
+            dropped = tuple((~rows[r]).nonzero().flatten().tolist())
+            if not dropped:
+                continue
+            M, W_R = self._correction(key, dropped)
+            xr = x[r].to(M.dtype)
+            out[r] -= ((xr @ M.t()) @ W_R.t()).to(out.dtype)
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._cache.clear()
+
+    def __enter__(self) -> CompensatedMasks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+__all__ = ["ATTENTION", "MLP", "CompensatedMasks", "GroupStats", "group_statistics", "obs_unit_errors"]

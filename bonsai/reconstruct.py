@@ -1,0 +1,283 @@
+"""Forward-only reconstruction: after units are removed, refit each layer's output projection.
+
+Every structured method (bonsai and its ablations, llm-pruner, flap) removes units through
+`remove_units`, which slices the model and, block by block, refits the output projection of each group
+that lost units (o_proj/dense, down_proj/fc2) so that the layer reproduces, on calibration tokens, the
+output it had before the removal:
+
+    lstsq: W'_S = W H[:, S] H[S, S]^-1,  H = G + lambda I  (least squares on the kept input columns S, damped
+           towards the current weights: it minimises ||W X - W'_S X_S||^2 + lambda ||W'_S - W_S||^2, so with
+           every column kept it returns W; the layer's bias is refit jointly where it has one)
+    bias : W'_S = W[:, S],  b' = b + W[:, R] mean(x_R)    (FLAP's compensation: the removed columns' mean)
+    none : W'_S = W[:, S]                                 (the paper's Bonsai)
+
+with G = X^T X of the projection's full input X over calibration tokens and lambda = damp x mean(diag G).
+This is the optimal-brain-surgeon update for removing the columns R (`bonsai.prune.compensation` uses the
+same H to score units and to evaluate compensated sub-models).
+
+Statistics are sequential: block i sees hidden states that went through the already pruned
+and refit blocks 0..i-1 (captured once at block 0 and carried forward), attention before MLP within a
+block, both from the block input when the adapter says the block is parallel (Phi). One layer's Gram
+matrix exists at a time, so memory stays at inference level plus the calibration hidden states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from bonsai.adapters.base import ATTENTION, MLP, ArchAdapter, GroupKey
+from bonsai.errors import BonsaiError
+
+RECONSTRUCT_MODES = ("lstsq", "bias", "none")
+DEFAULT_DAMP = 1e-2
+
+
+def gram_dtype(device: torch.device) -> torch.dtype:
+    """float64 on CPU (exact enough to test against closed forms); float32 on accelerators (fast, and the
+    damping keeps the solve well conditioned)."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+class GramStats:
+    """Running G = sum x x^T, s = sum x and n over tokens at the input of some linears (forward pre-hooks)."""
+
+    def __init__(self, linears: dict[GroupKey, nn.Linear]):
+        self.gram: dict[GroupKey, torch.Tensor] = {}
+        self.sum: dict[GroupKey, torch.Tensor] = {}
+        self.tokens: dict[GroupKey, int] = {}
+        self._handles = [lin.register_forward_pre_hook(partial(self._hook, key)) for key, lin in linears.items()]
+
+    def _hook(self, key: GroupKey, module: nn.Linear, args) -> None:
+        x = args[0].detach()
+        x = x.reshape(-1, x.shape[-1])
+        dtype = gram_dtype(x.device)
+        xd = x.to(dtype)
+        if key not in self.gram:
+            self.gram[key] = torch.zeros(x.shape[-1], x.shape[-1], dtype=dtype, device=x.device)
+            self.sum[key] = torch.zeros(x.shape[-1], dtype=dtype, device=x.device)
+            self.tokens[key] = 0
+        self.gram[key].addmm_(xd.t(), xd)
+        self.sum[key] += xd.sum(0)
+        self.tokens[key] += x.shape[0]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> GramStats:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+@dataclass
+class Refit:
+    """New weight (and bias, or None) for the kept columns, and what it changed on calibration tokens."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    error_dropped: float  # ||(W - W[:, S] embedded) X||^2 / ||W X||^2: removal without compensation
+    error_refit: float  # the same with the refit weights (and bias)
+    damp: float  # the damping finally used (raised when the Gram matrix was not positive definite)
+
+
+def damp_scale(gram: torch.Tensor) -> float:
+    """The unit of the damping: the mean diagonal of the Gram matrix (1 if it is all zero)."""
+    scale = float(gram.diagonal().mean()) if gram.shape[0] else 0.0
+    return scale if scale > 0 else 1.0
+
+
+def _damped_cholesky(a: torch.Tensor, weight_dims: int, damp: float, scale: float,
+                     warn: Callable[[str], None] | None, where: str) -> tuple[torch.Tensor, float]:
+    """Cholesky factor of `a` plus damp*scale on its first `weight_dims` diagonal entries, raising the damping
+    x10 until it is positive definite. Returns the factor and the damping used."""
+    d = damp
+    for _ in range(8):
+        damped = a.clone()
+        damped.diagonal()[:weight_dims] += d * scale
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            if d != damp and warn is not None:
+                warn(f"{where}: ill-conditioned Gram matrix, damping raised from {damp:g} to {d:g}")
+            return factor, d
+        d = max(d * 10, 1e-6)
+    raise BonsaiError(f"{where}: the Gram matrix of the calibration activations is not positive definite even with "
+                      f"damping {d:g}; the calibration data may be degenerate")
+
+
+def refit_projection(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, col_sum: torch.Tensor,
+                     tokens: int, keep_cols: torch.Tensor, mode: str, damp: float = DEFAULT_DAMP,
+                     warn: Callable[[str], None] | None = None, where: str = "layer") -> Refit:
+    """Closed-form refit of a linear y = W x + b restricted to input columns `keep_cols` (see module doc).
+
+    All arithmetic happens in the Gram matrix's dtype; the result is cast back to the weight's dtype.
+    With every column kept the weights are returned unchanged.
+    """
+    if mode not in RECONSTRUCT_MODES:
+        raise BonsaiError(f"unknown reconstruction {mode!r}: choose from {', '.join(RECONSTRUCT_MODES)}")
+    dtype, device = gram.dtype, gram.device
+    n_in = weight.shape[1]
+    keep_cols = keep_cols.to(device=device, dtype=torch.long)
+    removed = torch.ones(n_in, dtype=torch.bool, device=device)
+    removed[keep_cols] = False
+    W = weight.detach().to(device=device, dtype=dtype)
+    b = None if bias is None else bias.detach().to(device=device, dtype=dtype)
+    if not bool(removed.any()):
+        return Refit(weight.detach().clone(), None if bias is None else bias.detach().clone(), 0.0, 0.0, 0.0)
+    if not (torch.isfinite(gram).all() and torch.isfinite(col_sum).all()):
+        raise BonsaiError(f"{where}: non-finite activation statistics (inf/NaN in the calibration forward pass); "
+                          "nothing was written. Try --dtype float32 or other calibration data")
+    W_S = W[:, keep_cols]
+    new_b = b
+    used_damp = 0.0
+    if mode == "bias":
+        mean = col_sum / max(tokens, 1)
+        shift = W[:, removed] @ mean[removed]
+        new_w, new_b = W_S, (shift if b is None else b + shift)
+    elif mode == "lstsq" and len(keep_cols) > 0:
+        # normal equations of min ||W X + b - W'_S X_S - b'||^2 + lam ||W'_S - W_S||^2, with [x_S; 1] when there is a bias
+        k = len(keep_cols)
+        scale = damp_scale(gram)
+        G_SS = gram[keep_cols][:, keep_cols]
+        rhs = W @ gram[:, keep_cols]  # W G[:, S]
+        A = G_SS
+        if b is not None:
+            s_S = col_sum[keep_cols]
+            A = torch.zeros(k + 1, k + 1, dtype=dtype, device=device)
+            A[:k, :k] = G_SS
+            A[:k, k] = s_S
+            A[k, :k] = s_S
+            A[k, k] = float(tokens)
+            rhs = torch.cat([rhs + b[:, None] * s_S[None, :], (W @ col_sum + b * tokens)[:, None]], dim=1)
+        factor, used_damp = _damped_cholesky(A, k, damp, scale, warn, where)
+        rhs = rhs.clone()
+        rhs[:, :k] += used_damp * scale * W_S  # the damping pulls towards the current weights
+        sol = torch.cholesky_solve(rhs.t(), factor).t()
+        new_w, new_b = (sol, b) if b is None else (sol[:, :k], sol[:, k])
+    else:  # none, or lstsq with nothing kept: the output is the (refit) bias alone
+        new_w = W_S
+        if mode == "lstsq" and tokens:
+            shift = W @ (col_sum / tokens)
+            new_b = shift if b is None else b + shift
+    err_drop, err_fit = _relative_errors(W, b, gram, col_sum, tokens, keep_cols, removed, W_S, new_w, new_b)
+    return Refit(new_w.to(weight.dtype), None if new_b is None else new_b.to(weight.dtype), err_drop, err_fit, used_damp)
+
+
+def _relative_errors(W, b, gram, col_sum, tokens, keep_cols, removed, W_S, new_w, new_b) -> tuple[float, float]:
+    """Output error over the calibration tokens, relative to the output power, of dropping and of the refit."""
+
+    def sq_err(D: torch.Tensor, db: torch.Tensor | None) -> float:
+        # sum_t ||D x_t + db||^2 = tr(D G D^T) + 2 db^T D s + n ||db||^2
+        val = (D @ gram * D).sum()
+        if db is not None:
+            val = val + 2 * db @ (D @ col_sum) + tokens * db.pow(2).sum()
+        return float(val)
+
+    power = sq_err(W, b)
+    if power <= 0:
+        return 0.0, 0.0
+    D_drop = W.clone()
+    D_drop[:, keep_cols] = 0  # W - (W_S embedded): the removed columns' contribution
+    D_fit = W.clone()
+    D_fit[:, keep_cols] -= new_w
+    db_fit = None
+    if new_b is not None:
+        db_fit = new_b.neg() if b is None else b - new_b
+    return sq_err(D_drop, None) / power, sq_err(D_fit, db_fit) / power
+
+
+@dataclass
+class RemovalReport:
+    """What `remove_units` did, per group that lost units."""
+
+    groups: dict[str, dict] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    added_biases: list[str] = field(default_factory=list)
+
+
+def _kept_columns(adapter: ArchAdapter, key: GroupKey, keep: torch.Tensor) -> torch.Tensor:
+    width = adapter.unit_width(key)
+    keep = keep.sort().values
+    return (keep[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+
+
+def _apply_refit(adapter: ArchAdapter, key: GroupKey, keep: torch.Tensor, refit: Refit | None,
+                 report: RemovalReport) -> None:
+    """Slice the group to `keep`, then install the refit output weights (and bias, created if needed)."""
+    adapter.slice(key, keep)
+    if refit is None:
+        return
+    lin = adapter.output_projection(key)
+    with torch.no_grad():
+        lin.weight.copy_(refit.weight.to(lin.weight.device))
+        if refit.bias is not None:
+            if lin.bias is None:
+                adapter.add_output_bias(key)
+                report.added_biases.append(str(key))
+            lin.bias.copy_(refit.bias.to(lin.bias.device))
+
+
+@torch.no_grad()
+def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, torch.Tensor], windows: torch.Tensor | None,
+                 mode: str, damp: float = DEFAULT_DAMP, batch_size: int = 1, progress=None,
+                 on_warning: Callable[[str], None] | None = None,
+                 on_block: Callable[[int], None] | None = None) -> RemovalReport:
+    """Physically remove every unit not in `keep[group]` (indices into the group's current units) and, unless
+    `mode` is none, refit the output projections block by block on `windows` (see module doc). `on_block(i)`
+    is called after block i is done."""
+    from bonsai.baselines.layerwise import block_outputs, capture_block_inputs
+
+    report = RemovalReport()
+
+    def warn(message: str) -> None:
+        report.warnings.append(message)
+        if on_warning is not None:
+            on_warning(message)
+
+    keep = {k: torch.as_tensor(v, dtype=torch.long).sort().values for k, v in keep.items()}
+    todo = {k: v for k, v in keep.items() if len(v) < adapter.group_size(k)}
+    if mode == "none" or not todo:
+        for key, kept in todo.items():
+            adapter.slice(key, kept)
+        return report
+    if windows is None:
+        raise ValueError("reconstruction needs calibration windows")
+    layers = adapter.layers()
+    last = max(k.layer for k in todo)
+    inputs = capture_block_inputs(model, layers, windows, batch_size)
+    task = progress.add_task("reconstruction", total=last + 1, info=mode) if progress is not None else None
+    for i in range(last + 1):
+        block = layers[i]
+        here = [GroupKey(i, kind) for kind in (ATTENTION, MLP) if GroupKey(i, kind) in todo]
+        stages = [here] if adapter.parallel_block else [[k] for k in here]
+        for stage in stages:
+            with GramStats({k: adapter.output_projection(k) for k in stage}) as stats:
+                block_outputs(block, inputs)
+            for key in stage:
+                lin = adapter.output_projection(key)
+                if key not in stats.gram:  # the projection never ran (cannot happen for a live layer)
+                    raise BonsaiError(f"layer {key}: no activations reached its output projection")
+                cols = _kept_columns(adapter, key, todo[key])
+                refit = refit_projection(lin.weight, lin.bias, stats.gram[key], stats.sum[key], stats.tokens[key],
+                                         cols, mode, damp, warn, where=f"layer {key}")
+                report.groups[str(key)] = {"units_before": adapter.group_size(key), "units_after": len(todo[key]),
+                                           "error_dropped": refit.error_dropped, "error_refit": refit.error_refit,
+                                           "damp": refit.damp}
+                _apply_refit(adapter, key, todo[key], refit, report)
+            del stats
+        if i < last:
+            inputs.hidden = block_outputs(block, inputs)
+        if task is not None:
+            progress.advance(task)
+        if on_block is not None:
+            on_block(i)
+    if task is not None:
+        progress.remove_task(task)
+    return report

@@ -1,0 +1,87 @@
+"""Compensated unit errors and compensated sub-models against explicit refits."""
+
+import copy
+
+import pytest
+import torch
+from helpers import tiny_model
+
+from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
+from bonsai.prune.compensation import CompensatedMasks, damped_inverse, group_statistics, obs_unit_errors
+from bonsai.reconstruct import GramStats, refit_projection
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_unit_error_is_the_error_left_after_the_optimal_refit(width):
+    """e_u = tr(W_u [(H^-1)_uu]^-1 W_u^T) equals (W - W') H (W - W')^T for the refit W' that removes unit u alone
+    (zero columns u, the lstsq refit on the others): ||W X - W'_S X_S||^2 + lam ||W'_S - W_S||^2 + lam ||W_u||^2."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    W = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    G = X.T @ X
+    damp = 0.02
+    lam = damp * G.diagonal().mean()
+    errors = obs_unit_errors(W, damped_inverse(G, damp), width)
+    assert errors.shape == (12 // width,)
+    for u in range(12 // width):
+        keep = torch.tensor([c for c in range(12) if c // width != u])
+        fit = refit_projection(W, None, G, X.sum(0), 300, keep, "lstsq", damp=damp)
+        removed = torch.tensor([c for c in range(12) if c // width == u])
+        objective = (((X @ W.T - X[:, keep] @ fit.weight.T) ** 2).sum() + lam * ((fit.weight - W[:, keep]) ** 2).sum()
+                     + lam * (W[:, removed] ** 2).sum())
+        assert float(errors[u]) == pytest.approx(float(objective), rel=1e-8)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "phi"])
+def test_compensated_sub_model_equals_refit_model(family):
+    """A sub-model evaluated with compensation gives the logits of the model whose dropped units are removed and
+    whose output projections are refit (lstsq, same damping) on the same statistics."""
+    model = tiny_model(family).double()
+    adapter = get_adapter(model)
+    windows = torch.randint(0, 97, (6, 16), generator=torch.Generator().manual_seed(1))
+    groups = [GroupKey(0, ATTENTION), GroupKey(1, MLP), GroupKey(2, MLP)]
+    _, inverses = group_statistics(model, adapter, groups, windows, 3, damp=0.01, keep_inverse=True)
+    candidates = {GroupKey(0, ATTENTION): torch.tensor([0, 1]), GroupKey(1, MLP): torch.arange(10),
+                  GroupKey(2, MLP): torch.arange(20, 30)}
+    keep_rows = {GroupKey(0, ATTENTION): torch.tensor([[0, 1], [1, 1]]),
+                 GroupKey(1, MLP): torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1], [1, 0, 1, 0, 1, 0, 1, 0, 1, 0]]),
+                 GroupKey(2, MLP): torch.tensor([[1] * 10, [0] * 10])}
+    comp = {}
+    for key, cand in candidates.items():
+        width = adapter.unit_width(key)
+        cols = (cand[:, None] * width + torch.arange(width)).reshape(-1)
+        comp[key] = (inverses[key][:, cols], cols)
+    with CompensatedMasks(adapter, comp) as masks, torch.no_grad():
+        masks.set(keep_rows)
+        both = model(windows[:2]).logits
+    with GramStats({k: adapter.output_projection(k) for k in groups}) as stats, torch.no_grad():
+        model(windows)
+    for row in range(2):
+        reference = copy.deepcopy(model)
+        ref = get_adapter(reference)
+        for key, cand in candidates.items():
+            dropped = set(cand[keep_rows[key][row] == 0].tolist())
+            kept = torch.tensor([u for u in range(ref.group_size(key)) if u not in dropped])
+            width = ref.unit_width(key)
+            cols = (kept[:, None] * width + torch.arange(width)).reshape(-1)
+            lin = ref.output_projection(key)
+            fit = refit_projection(lin.weight, None, stats.gram[key], stats.sum[key], stats.tokens[key], cols, "lstsq", 0.01)
+            ref.slice(key, kept)
+            with torch.no_grad():
+                ref.output_projection(key).weight.copy_(fit.weight)
+        with torch.no_grad():
+            torch.testing.assert_close(both[row], reference(windows[row:row + 1]).logits[0], atol=1e-6, rtol=0)
+
+
+def test_errors_are_relative_to_the_residual_stream():
+    model = tiny_model("llama").double()
+    adapter = get_adapter(model)
+    windows = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(2))
+    stats, _ = group_statistics(model, adapter, adapter.groups(), windows, 4, damp=0.01)
+    assert all(len(stats[k].unit_error) == adapter.group_size(k) for k in adapter.groups())
+    with torch.no_grad():  # doubling the output projection quadruples the error; the residual scale is unchanged
+        adapter.output_projection(GroupKey(1, MLP)).weight.mul_(2)
+    doubled, _ = group_statistics(model, adapter, [GroupKey(1, MLP)], windows, 4, damp=0.01)
+    torch.testing.assert_close(doubled[GroupKey(1, MLP)].unit_error, 4 * stats[GroupKey(1, MLP)].unit_error)

@@ -1,0 +1,54 @@
+"""Probe selection: per-unit sensitivities from one-group sub-models, and the KL utility."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_model
+
+from bonsai.adapters import GroupKey, get_adapter
+from bonsai.finetune.distill import teacher_topk, topk_kl
+from bonsai.prune.evaluate import SubModelEvaluator, prior_pass
+from bonsai.prune.runner import _probe_sensitivities
+from bonsai.prune.sampling import probe_masks
+from bonsai.prune.state import IterationState
+
+pytestmark = pytest.mark.unit
+
+
+def test_probe_sensitivities_are_the_slopes_of_each_groups_cost_curve():
+    keys = [GroupKey(0, "mlp"), GroupKey(1, "mlp")]
+    prior = {"0.mlp": np.array([0.2, 0.1, 0.4, 0.3]), "1.mlp": np.array([1.0, 2.0])}
+    cands = {"0.mlp": np.arange(4), "1.mlp": np.arange(2)}
+    masks = probe_masks([prior["0.mlp"], prior["1.mlp"]], levels=2)  # depths 2,4 in group 0; 1,2 in group 1
+    base = 2.0
+    loss = np.array([2.1, 2.5, 2.02, 2.06])  # per probe row, in the order of probe_masks
+    it = IterationState(0, prior, cands, masks, -loss, np.ones(4, bool), base, np.zeros(6), np.zeros(6))
+    err = np.array([1.0, 2.0, 3.0, 4.0, 0.5, 0.5])  # candidate order
+    beta, record = _probe_sensitivities(it, keys, np.array([0, 4, 6]), err)
+    # group 0, prior order 1,0,3,2: units 1,0 cost 0.1 over errors 2+1; units 3,2 a further 0.4 over 4+3
+    np.testing.assert_allclose(beta[[1, 0]], 0.1 / 3)
+    np.testing.assert_allclose(beta[[3, 2]], 0.4 / 7)
+    np.testing.assert_allclose(beta[4], 0.02 / 0.5)  # group 1, prior order 0,1
+    np.testing.assert_allclose(beta[5], 0.04 / 0.5)
+    assert record == pytest.approx({"0.mlp": 0.5, "1.mlp": 0.06})
+
+
+def test_kl_utility_is_zero_for_the_model_itself_and_matches_a_hand_computation():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    windows = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(0))
+    _, _, reference = prior_pass(model, adapter, adapter.groups(), windows, "wanda", 2, reference=True)
+    key = GroupKey(1, "mlp")
+    full = {k: torch.ones(2, adapter.group_size(k), dtype=torch.uint8) for k in adapter.groups()}
+    full[key][1, :40] = 0  # sub-model 1 drops forty channels of layer 1
+    evaluator = SubModelEvaluator(model, adapter, adapter.groups(), windows, full, 2, reference=reference)
+    utility, _ = evaluator.evaluate([0, 1])
+    assert utility[0] == pytest.approx(0.0, abs=1e-6)
+    from bonsai.masking import UnitMasks
+
+    with UnitMasks(adapter) as m, torch.no_grad():
+        m.set({key: full[key][1]})
+        logits = model(windows).logits[:, :-1]
+    expect = topk_kl(logits, teacher_topk(model(windows).logits[:, :-1].detach(), 64)).mean()
+    assert -utility[1] == pytest.approx(float(expect), rel=1e-3)  # float32 log-softmax differences
+    assert utility[1] < 0

@@ -203,7 +203,10 @@ def prune_cmd(
     prior: str | None = typer.Option(None, help="obs (default: each unit's compensated error, relative to the "
                                                 "residual stream) | wanda | activation | magnitude | uniform (paper Fig. 3)."),
     p_iter: float | None = typer.Option(None, "--p-iter", help="Fraction pruned per iteration (default 0.05)."),
-    samples: int | None = typer.Option(None, help="Sub-models evaluated per iteration (default 200)."),
+    samples: int | None = typer.Option(None, help="paper selection: sub-models evaluated per iteration (default 200)."),
+    probe_depths: int | None = typer.Option(None, "--probe-depths",
+                                            help="probe selection: depths probed per layer group (default 1: one "
+                                                 "sub-model per group, 2L per iteration)."),
     calib: str | None = typer.Option(None, help="Calibration data: wikitext2, c4, kjv, austen or a local file."),
     calib_samples: int | None = typer.Option(None, "--calib-samples", help="Calibration windows (default 32)."),
     seqlen: int | None = typer.Option(None, help="Calibration window length (default 2048 capped at max positions)."),
@@ -261,6 +264,7 @@ def prune_cmd(
     from bonsai.prune.runner import PruneRun
 
     overrides = dict(model=model, sparsity=sparsity, method=method, prior=prior, p_iter=p_iter, samples=samples,
+                     probe_depths=probe_depths,
                      calib=calib, calib_samples=calib_samples, seqlen=seqlen, batch_size=batch_size,
                      regression=regression, selection=selection, compensate=compensate, per_parameter=per_parameter,
                      utility=utility,

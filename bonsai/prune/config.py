@@ -46,6 +46,7 @@ class PruneConfig:
     # spread over its units by their compensated errors) or paper (random unit masks, one regression
     # coefficient per unit)
     selection: str = "probe"
+    probe_depths: int = 1  # probe: depths measured per group (1: its whole candidate set); --samples is the paper's
     compensate: bool = True  # evaluate sub-models with their dropped units compensated (the refit to come)
     utility: str = "kl"  # U of a sub-model: -(KL from the current model's next-token distributions), or -(LM loss)
     per_parameter: bool = False  # paper selection: rank units by beta per parameter instead of beta
@@ -94,6 +95,8 @@ class PruneConfig:
             raise BonsaiError(f"unknown --utility {self.utility!r}: choose loss or kl")
         if self.selection not in SELECTIONS:
             raise BonsaiError(f"unknown --selection {self.selection!r}: choose from {', '.join(SELECTIONS)}")
+        if self.probe_depths < 1:
+            raise BonsaiError(f"--probe-depths must be at least 1 (got {self.probe_depths})")
         if self.method == "no-regression" and self.selection != "paper":
             raise BonsaiError("no-regression is an ablation of the paper's regression: use it with --selection paper")
         if self.regression not in ("lasso", "ridge"):

@@ -299,7 +299,7 @@ class PruneRun:
         total = sum(len(c) for c in cand_priors)
         n = cfg.samples if self._evaluates() else 0
         if n and cfg.selection == "probe":
-            masks = probe_masks(cand_priors, levels=max(1, cfg.samples // max(1, len(cand_priors))))
+            masks = probe_masks(cand_priors, levels=cfg.probe_depths)
             n = len(masks)
         else:
             masks = sample_masks(cand_priors, n, _rng(cfg.seed, t, 1)) if n else np.zeros((0, total), np.uint8)

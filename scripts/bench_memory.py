@@ -60,13 +60,15 @@ def child(args) -> None:
         from bonsai.prune.evaluate import SubModelEvaluator
         from bonsai.prune.sampling import candidate_units, probe_masks
 
-        stats, inverses = group_statistics(model, adapter, groups, windows, args.batch_size, keep_inverse=True)
-        comp, cands = {}, {}
-        for k in groups:  # keep only the candidates' columns, as the runner does
-            cands[k] = torch.from_numpy(candidate_units(stats[k].unit_error.numpy(), 0.05))
-            w = adapter.unit_width(k)
-            cols = (cands[k][:, None] * w + torch.arange(w)).reshape(-1)
-            comp[k] = (inverses.pop(k)[:, cols.to(device)].clone(), cols)
+        cands = {}
+
+        def columns(key, errors):  # only the candidates' columns of H^-1 are kept, as in the runner
+            cands[key] = torch.from_numpy(candidate_units(errors.numpy(), 0.05))
+            w = adapter.unit_width(key)
+            return (cands[key][:, None] * w + torch.arange(w)).reshape(-1)
+
+        stats, comp = group_statistics(model, adapter, groups, windows, args.batch_size, keep_inverse=True,
+                                       columns=columns)
         masks = probe_masks([stats[k].unit_error.numpy()[cands[k].numpy()] for k in groups], 1)[:args.batch_size]
         offsets = np.cumsum([0] + [len(cands[k]) for k in groups])
         full = {}

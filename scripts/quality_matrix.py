@@ -49,6 +49,7 @@ for family in ("llama", "mistral", "phi"):
 # Methods: bonsai's default, the paper's algorithm and ablations, and the baselines.
 VARIANTS = {
     "bonsai": [],
+    "bonsai-nocomp": ["--no-compensate"],
     "bonsai-paper": ["--selection", "paper", "--prior", "wanda", "--no-compensate", "--utility", "loss"],
     "prior-only": ["--method", "prior-only"],
     "random": ["--method", "random"],

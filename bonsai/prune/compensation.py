@@ -17,6 +17,7 @@ passes only):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from bonsai.adapters.base import ATTENTION, MLP, ArchAdapter, GroupKey
+from bonsai.errors import BonsaiError
 from bonsai.reconstruct import DEFAULT_DAMP, GramStats, gram_dtype
 
 
@@ -32,8 +34,6 @@ class GroupStats:
     """What one group's Gram matrix says about its units (current model, calibration windows)."""
 
     unit_error: torch.Tensor  # (units,) compensated error of removing each unit alone, relative to residual power
-    hinv_cand: torch.Tensor | None = None  # (in, |candidate columns|) columns of H^-1 for the candidates
-    cand_cols: torch.Tensor | None = None  # candidate columns (unit-expanded), in candidate order
 
 
 def damped_inverse(gram: torch.Tensor, damp: float) -> torch.Tensor:
@@ -68,17 +68,20 @@ def obs_unit_errors(weight: torch.Tensor, hinv: torch.Tensor, width: int) -> tor
 
 @torch.no_grad()
 def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], windows: torch.Tensor,
-                     batch_size: int, damp: float = DEFAULT_DAMP, keep_inverse: bool = False
-                     ) -> tuple[dict[GroupKey, GroupStats], dict[GroupKey, torch.Tensor]]:
+                     batch_size: int, damp: float = DEFAULT_DAMP, keep_inverse: bool = False,
+                     columns: Callable[[GroupKey, torch.Tensor], torch.Tensor] | None = None
+                     ) -> tuple[dict[GroupKey, GroupStats], dict[GroupKey, tuple[torch.Tensor, torch.Tensor]]]:
     """Compensated unit errors of every group, block by block on the current model (one Gram matrix at a
-    time). With `keep_inverse`, also return each group's full H^-1 (the caller keeps the candidates' columns)."""
+    time). With `keep_inverse`, also return per group (H^-1[:, C], C): `columns(group, unit_errors)` picks the
+    columns C to keep (default: all), so that only those outlive the group's turn (at 7B a whole H^-1 is
+    ~0.5 GB per layer)."""
     from bonsai.baselines.layerwise import block_outputs, capture_block_inputs
 
     layers = adapter.layers()
     wanted = {k.layer for k in groups}
     inputs = capture_block_inputs(model, layers, windows, batch_size)
     stats: dict[GroupKey, GroupStats] = {}
-    inverses: dict[GroupKey, torch.Tensor] = {}
+    inverses: dict[GroupKey, tuple[torch.Tensor, torch.Tensor]] = {}
     for i in range(max(wanted) + 1 if wanted else 0):
         here = [k for k in groups if k.layer == i and adapter.group_size(k) > 0]
         if here:
@@ -87,11 +90,16 @@ def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupK
             with GramStats({k: adapter.output_projection(k) for k in here}) as grams:
                 outputs = block_outputs(layers[i], inputs)
             for key in here:
+                if not torch.isfinite(grams.gram[key]).all():
+                    raise BonsaiError(f"layer {key}: non-finite activation statistics (inf/NaN in the calibration forward "
+                                      "pass); nothing was written. Try --dtype float32 or other calibration data")
                 hinv = damped_inverse(grams.gram[key], damp)
                 err = obs_unit_errors(adapter.output_projection(key).weight, hinv, adapter.unit_width(key))
                 stats[key] = GroupStats(unit_error=(err / residual).double())
                 if keep_inverse:
-                    inverses[key] = hinv
+                    cols = columns(key, stats[key].unit_error) if columns is not None else torch.arange(hinv.shape[0])
+                    inverses[key] = (hinv[:, cols.to(hinv.device)].clone(), cols)
+                del hinv
             del grams
         else:
             outputs = block_outputs(layers[i], inputs)

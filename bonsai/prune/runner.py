@@ -27,8 +27,8 @@ from bonsai.prune.config import PruneConfig
 from bonsai.prune.compensation import group_statistics
 from bonsai.prune.evaluate import SubModelEvaluator, prior_pass
 from bonsai.prune.priors import NEEDS_GRAM
-from bonsai.prune.regression import fit_unit_scores
 from bonsai.prune.sampling import candidate_units, probe_masks, sample_masks
+from bonsai.prune.scoring import unit_scores
 from bonsai.prune.selection import select_removals
 from bonsai.prune.state import IterationState, RunState, StateStore
 from bonsai.reconstruct import RemovalReport, remove_units
@@ -87,6 +87,10 @@ class PruneRun:
         self.groups = self.adapter.groups(cfg.unit_kinds)
         self.budget = plan_budget(self.adapter, self.groups, cfg)
         self.evals_this_process = 0
+        # per iteration, in memory only (recomputed on resume): the candidates' H^-1 columns for compensated
+        # sub-models, and the current model's next-token distributions for the KL utility
+        self._compensation = None
+        self._reference = None
 
     # ---- output folder and state ---------------------------------------------------------
     def _prepare_dir(self, force: bool) -> None:
@@ -199,32 +203,7 @@ class PruneRun:
                                      ) if keys else np.zeros(0)
         if cfg.method in ("bonsai", "no-regression"):
             self._evaluate_pending(it, keys, offsets, windows, progress)
-        reg = None
-        finite = np.isfinite(it.utility) & it.done
-        probe = None
-        if cfg.selection == "probe" and cfg.method in ("bonsai", "prior-only"):
-            cand_error = np.concatenate([it.unit_error[str(k)][it.candidates[str(k)]] for k in keys]) if keys else np.zeros(0)
-            if cfg.method == "bonsai":
-                unit_beta, probe = _probe_sensitivities(it, keys, offsets, cand_error, base=cfg.utility == "loss")
-            else:  # no measurement: one common sensitivity, the compensated errors alone decide
-                unit_beta = np.ones(len(cand_error))
-            scores = unit_beta * cand_error / cand_params  # utility lost per parameter removed
-        elif cfg.method == "bonsai":
-            if finite.sum() < 4:
-                console.print(f"[yellow]iteration {t + 1}: only {finite.sum()} finite utilities; scoring by the prior")
-                scores = cand_prior
-            else:
-                reg = fit_unit_scores(it.masks[finite].astype(np.float64), it.utility[finite], cfg.regression,
-                                      folds=cfg.cv_folds, seed=cfg.seed + t)
-                scores = reg.beta
-            if cfg.per_parameter:
-                scores = scores / cand_params
-        elif cfg.method == "no-regression":
-            scores = np.where(it.nr_count > 0, it.nr_sum / np.maximum(it.nr_count, 1), cand_prior)
-        elif cfg.method == "prior-only":
-            scores = cand_prior
-        else:  # random
-            scores = _rng(cfg.seed, t, 2).random(len(cand_prior))
+        scores, reg, probe = unit_scores(cfg, it, keys, offsets, cand_prior, cand_params, t)
         drop = self.dist.broadcast(select_removals(scores, cand_prior, cand_params, need))
         removal = self._apply(t, keys, offsets, it, drop, state, progress)
         n_bad = int((~np.isfinite(it.utility) & it.done).sum())
@@ -270,17 +249,17 @@ class PruneRun:
         tokens than the sub-models' windows (a Gram matrix is as wide as the layer), and independent of them,
         so a compensated sub-model is scored out of sample, as the final refit will be."""
         cfg = self.cfg
-        stats, inverses = group_statistics(self.model, self.adapter, self.groups, windows, cfg.batch_size,
-                                           damp=cfg.reconstruct_damp, keep_inverse=cfg.compensate)
-        errors = {k: stats[k].unit_error.numpy() for k in self.groups}
-        compensation = {}
-        for key, hinv in inverses.items():
-            score = errors[key] if cfg.prior in NEEDS_GRAM else priors[key]
+
+        def candidate_columns(key: GroupKey, errors: torch.Tensor) -> torch.Tensor:
+            score = errors.numpy() if cfg.prior in NEEDS_GRAM else priors[key]
             cand = torch.from_numpy(candidate_units(score, cfg.p_iter))
             width = self.adapter.unit_width(key)
-            cols = (cand[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
-            compensation[key] = (hinv[:, cols.to(hinv.device)].clone(), cols)
-        return errors, compensation
+            return (cand[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+
+        stats, compensation = group_statistics(self.model, self.adapter, self.groups, windows, cfg.batch_size,
+                                               damp=cfg.reconstruct_damp, keep_inverse=cfg.compensate,
+                                               columns=candidate_columns)
+        return {k: stats[k].unit_error.numpy() for k in self.groups}, compensation
 
     def _start_iteration(self, t: int, windows: torch.Tensor) -> IterationState:
         cfg = self.cfg
@@ -480,35 +459,6 @@ def _abort_hook(t: int):
         if t + 1 == iteration and i == block:
             os._exit(75)
     return hook
-
-
-def _probe_sensitivities(it: IterationState, keys, offsets: np.ndarray, cand_error: np.ndarray, base: bool = True
-                         ) -> tuple[np.ndarray, dict]:
-    """Per candidate unit: the measured loss increase per unit of compensated error at its depth in its group.
-
-    Each probe sub-model dropped the d lowest-prior candidates of one group; with the measured loss increases
-    dL(d) (d = 0 < d_1 < ... < c) and the summed compensated errors E(d) of those units, the units ranked in
-    (d_{j-1}, d_j] get (dL(d_j) - dL(d_{j-1})) / (E(d_j) - E(d_{j-1})): a piecewise-linear cost curve per group."""
-    increase = -it.utility - (it.base_loss if base else 0.0)  # per probe sub-model (KL utility: 0 for the model itself)
-    beta = np.full(len(cand_error), np.nan)
-    record = {}
-    for j, key in enumerate(keys):
-        lo, hi = offsets[j], offsets[j + 1]
-        rows = np.flatnonzero((it.masks[:, lo:hi] == 0).any(1) & it.done)
-        depth = (it.masks[rows, lo:hi] == 0).sum(1)
-        order = np.argsort(it.prior[str(key)][it.candidates[str(key)]], kind="stable")
-        err = cand_error[lo:hi]
-        prev_d, prev_loss, prev_e = 0, 0.0, 0.0
-        for d, loss in sorted(zip(depth.tolist(), increase[rows].tolist(), strict=True)):
-            e_sum = float(err[order[:d]].sum())
-            slope = np.inf if not np.isfinite(loss) else (loss - prev_loss) / max(e_sum - prev_e, 1e-30)
-            beta[lo + order[prev_d:d]] = slope
-            prev_d, prev_loss, prev_e = d, loss, e_sum
-        record[str(key)] = float(prev_loss)
-    positive = beta[np.isfinite(beta) & (beta > 0)]
-    floor = 1e-3 * float(np.median(positive)) if len(positive) else 1.0
-    beta = np.where(np.isnan(beta), floor, beta)  # units beyond every probed depth (cannot happen) and
-    return np.maximum(beta, floor), record      # measured gains from removal: the smallest cost
 
 
 def _summary(removal: RemovalReport) -> dict | None:

@@ -171,3 +171,22 @@ def test_emptied_groups_refit_save_and_reload(family, tmp_path, tiny_tokenizer):
                                    atol=1e-5, rtol=0)
         stock = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True, dtype=torch.float32)
         torch.testing.assert_close(stock(ids).logits, expect, atol=1e-5, rtol=0)
+
+
+def test_ill_conditioned_gram_raises_the_damping_and_says_so():
+    X, W, _ = _problem(5, n=3)  # 3 tokens, 12 columns: G is singular
+    G, s, n = _stats(X)
+    warnings = []
+    fit = refit_projection(W, None, G, s, n, torch.arange(8), "lstsq", damp=0.0, warn=warnings.append, where="layer 3.mlp")
+    assert fit.damp > 0 and torch.isfinite(fit.weight).all()
+    assert warnings and "layer 3.mlp" in warnings[0] and "damping raised" in warnings[0]
+
+
+def test_non_finite_statistics_stop_with_a_clear_error():
+    from bonsai.errors import BonsaiError
+
+    X, W, _ = _problem(6)
+    G, s, n = _stats(X)
+    G[0, 0] = float("inf")
+    with pytest.raises(BonsaiError, match="non-finite activation statistics"):
+        refit_projection(W, None, G, s, n, torch.arange(6), "lstsq")

@@ -42,17 +42,17 @@ def test_compensated_sub_model_equals_refit_model(family):
     adapter = get_adapter(model)
     windows = torch.randint(0, 97, (6, 16), generator=torch.Generator().manual_seed(1))
     groups = [GroupKey(0, ATTENTION), GroupKey(1, MLP), GroupKey(2, MLP)]
-    _, inverses = group_statistics(model, adapter, groups, windows, 3, damp=0.01, keep_inverse=True)
     candidates = {GroupKey(0, ATTENTION): torch.tensor([0, 1]), GroupKey(1, MLP): torch.arange(10),
                   GroupKey(2, MLP): torch.arange(20, 30)}
+
+    def columns(key, errors):
+        width = adapter.unit_width(key)
+        return (candidates[key][:, None] * width + torch.arange(width)).reshape(-1)
+
+    _, comp = group_statistics(model, adapter, groups, windows, 3, damp=0.01, keep_inverse=True, columns=columns)
     keep_rows = {GroupKey(0, ATTENTION): torch.tensor([[0, 1], [1, 1]]),
                  GroupKey(1, MLP): torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1], [1, 0, 1, 0, 1, 0, 1, 0, 1, 0]]),
                  GroupKey(2, MLP): torch.tensor([[1] * 10, [0] * 10])}
-    comp = {}
-    for key, cand in candidates.items():
-        width = adapter.unit_width(key)
-        cols = (cand[:, None] * width + torch.arange(width)).reshape(-1)
-        comp[key] = (inverses[key][:, cols], cols)
     with CompensatedMasks(adapter, comp) as masks, torch.no_grad():
         masks.set(keep_rows)
         both = model(windows[:2]).logits

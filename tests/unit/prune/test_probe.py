@@ -8,7 +8,7 @@ from helpers import tiny_model
 from bonsai.adapters import GroupKey, get_adapter
 from bonsai.finetune.distill import teacher_topk, topk_kl
 from bonsai.prune.evaluate import SubModelEvaluator, prior_pass
-from bonsai.prune.runner import _probe_sensitivities
+from bonsai.prune.scoring import probe_unit_costs
 from bonsai.prune.sampling import probe_masks
 from bonsai.prune.state import IterationState
 
@@ -24,7 +24,7 @@ def test_probe_sensitivities_are_the_slopes_of_each_groups_cost_curve():
     loss = np.array([2.1, 2.5, 2.02, 2.06])  # per probe row, in the order of probe_masks
     it = IterationState(0, prior, cands, masks, -loss, np.ones(4, bool), base, np.zeros(6), np.zeros(6))
     err = np.array([1.0, 2.0, 3.0, 4.0, 0.5, 0.5])  # candidate order
-    beta, record = _probe_sensitivities(it, keys, np.array([0, 4, 6]), err)
+    beta, record = probe_unit_costs(it, keys, np.array([0, 4, 6]), err)
     # group 0, prior order 1,0,3,2: units 1,0 cost 0.1 over errors 2+1; units 3,2 a further 0.4 over 4+3
     np.testing.assert_allclose(beta[[1, 0]], 0.1 / 3)
     np.testing.assert_allclose(beta[[3, 2]], 0.4 / 7)

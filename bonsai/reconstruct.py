@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from bonsai.adapters.base import ATTENTION, MLP, ArchAdapter, GroupKey
+from bonsai.baselines.layerwise import as_rows
 from bonsai.errors import BonsaiError
 
 RECONSTRUCT_MODES = ("lstsq", "bias", "none")
@@ -54,7 +55,7 @@ class GramStats:
 
     def _hook(self, key: GroupKey, module: nn.Linear, args) -> None:
         x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1])
+        x = as_rows(x)
         dtype = gram_dtype(x.device)
         xd = x.to(dtype)
         if key not in self.gram:

@@ -9,6 +9,7 @@ is ever used.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,11 @@ from torch import nn
 
 class _Stop(Exception):
     pass
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., columns) -> (tokens, columns); also for zero columns (an emptied layer), where reshape(-1, 0) fails."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 @dataclass
@@ -77,7 +83,7 @@ class InputNorms:
 
     def _hook(self, name: str):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            x = as_rows(args[0].detach())
             self.sq[name] += x.double().pow(2).sum(0)
         return hook
 
@@ -99,7 +105,7 @@ class InputMoments:
     def _hook(self, key):
         def hook(module, args):
             x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).double()
+            x = as_rows(x).double()
             if key not in self.sum:
                 self.sum[key] = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
                 self.sq[key] = torch.zeros_like(self.sum[key])

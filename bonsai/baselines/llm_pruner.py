@@ -110,6 +110,8 @@ def group_importance(model, adapter: ArchAdapter, keys: list[GroupKey], windows:
         raise BonsaiError(f"unknown --llmp-importance {importance!r}: choose from {', '.join(IMPORTANCES)}")
     if aggregation not in AGGREGATIONS:
         raise BonsaiError(f"unknown --llmp-aggregation {aggregation!r}: choose from {', '.join(AGGREGATIONS)}")
+    empty = [key for key in keys if adapter.group_size(key) == 0]  # emptied earlier: nothing to score or slice
+    keys = [key for key in keys if adapter.group_size(key) > 0]
     triples = {key: adapter.unit_weights(key) for key in keys}
     weights = list({id(w): w for ts in triples.values() for w, _, _ in ts}.values())
     flags = [p.requires_grad for p in model.parameters()]
@@ -129,6 +131,7 @@ def group_importance(model, adapter: ArchAdapter, keys: list[GroupKey], windows:
             per = [structure_scores(w, grads[index[id(w)]], None if fisher is None else fisher[index[id(w)]],
                                     dim, width, importance) for w, dim, width in ts]
             out[key] = aggregate(per, aggregation).cpu().numpy().astype(np.float64)
+    out.update({key: np.zeros(0) for key in empty})
     return out
 
 

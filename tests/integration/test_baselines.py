@@ -89,3 +89,28 @@ def test_flap_cli_reaches_target_and_reloads_with_stock_transformers(monkeypatch
         torch.testing.assert_close(stock(ids).logits, mine(ids).logits, atol=1e-5, rtol=0)
     if reconstruct == "bias":  # FLAP's compensation gives LLaMA output biases, recorded in the plan
         assert json.loads((out / "config.json").read_text())["bonsai_plan"]["linear_bias"]
+
+
+@pytest.mark.parametrize("method", ["wanda", "llm-pruner", "besa", "flap"])
+def test_baselines_run_on_a_model_with_emptied_layers(monkeypatch, tmp_path, random_checkpoints, method):
+    """A parent whose layer 1 has no attention and layer 2 no MLP (an earlier structured prune) goes through
+    every baseline, saves and reloads."""
+    from bonsai.adapters import ATTENTION, MLP, GroupKey
+    from bonsai.models.loading import load_tokenizer
+    from bonsai.models.saving import save_pruned
+
+    model = load_model(str(random_checkpoints["llama"]), device="cpu")
+    adapter = get_adapter(model)
+    adapter.slice(GroupKey(1, ATTENTION), torch.tensor([], dtype=torch.long))
+    adapter.slice(GroupKey(2, MLP), torch.tensor([], dtype=torch.long))
+    save_pruned(model, load_tokenizer(str(random_checkpoints["llama"])), tmp_path / "parent")
+    out = tmp_path / method
+    extra = {"wanda": [], "besa": ["--besa-levels", "10"], "llm-pruner": ["--llmp-layer-start", "0"], "flap": []}[method]
+    cli(monkeypatch, "prune", "--model", str(tmp_path / "parent"), "--method", method, "--sparsity", "0.3", "--calib",
+        "kjv", "--calib-samples", "4", "--seqlen", "32", "--out", str(out), *extra)
+    reloaded = load_model(str(out), device="cpu")
+    ids = torch.randint(0, 4000, (2, 16))
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(ids).logits).all()
+    reloaded_adapter = get_adapter(reloaded)
+    assert reloaded_adapter.group_size(GroupKey(1, ATTENTION)) == 0 and reloaded_adapter.group_size(GroupKey(2, MLP)) == 0

@@ -380,12 +380,21 @@ def _print_prune(report: dict, out: Path) -> None:
 
     t = report["totals"]
     table = Table(title=f"pruned {report['model']} -> {out}")
-    for col in ("iteration", "sparsity", "sub-models", "CV tau", "penalty", "calib ppl", "seconds"):
+    probe = any(h.get("probe_increase") for h in report["iterations"])
+    cols = ("probe cost min", "probe cost max") if probe else ("CV tau", "penalty")
+    for col in ("iteration", "sparsity", "sub-models", *cols, "refit error", "calib ppl", "seconds"):
         table.add_column(col, justify="right")
     for h in report["iterations"]:
-        tau = "-" if h["cv_tau"] is None else f"{h['cv_tau']:.3f}"
-        pen = "-" if h["penalty"] is None else f"{h['penalty']:.2e}"
-        table.add_row(str(h["iteration"]), f"{h['sparsity']:.3f}", str(h["sub_models"]), tau, pen,
+        if probe:
+            costs = [v for v in (h.get("probe_increase") or {}).values() if v is not None]
+            a = "-" if not costs else f"{min(costs):.2e}"
+            b = "-" if not costs else f"{max(costs):.2e}"
+        else:
+            a = "-" if h["cv_tau"] is None else f"{h['cv_tau']:.3f}"
+            b = "-" if h["penalty"] is None else f"{h['penalty']:.2e}"
+        rec = h.get("reconstruction")
+        refit = "-" if not rec else f"{rec['mean_error_dropped']:.3f} → {rec['mean_error_refit']:.3f}"
+        table.add_row(str(h["iteration"]), f"{h['sparsity']:.3f}", str(h["sub_models"]), a, b, refit,
                       f"{h['calib_ppl']:.2f}", f"{h['seconds']:.1f}")
     console.print(table)
     console.print(f"block sparsity {t['sparsity']:.4f} (target {t['target_sparsity']}), "

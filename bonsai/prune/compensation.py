@@ -69,7 +69,7 @@ def obs_unit_errors(weight: torch.Tensor, hinv: torch.Tensor, width: int) -> tor
 @torch.no_grad()
 def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], windows: torch.Tensor,
                      batch_size: int, damp: float = DEFAULT_DAMP, keep_inverse: bool = False,
-                     columns: Callable[[GroupKey, torch.Tensor], torch.Tensor] | None = None
+                     columns: Callable[[GroupKey, torch.Tensor], torch.Tensor] | None = None, progress=None
                      ) -> tuple[dict[GroupKey, GroupStats], dict[GroupKey, tuple[torch.Tensor, torch.Tensor]]]:
     """Compensated unit errors of every group, block by block on the current model (one Gram matrix at a
     time). With `keep_inverse`, also return per group (H^-1[:, C], C): `columns(group, unit_errors)` picks the
@@ -82,7 +82,9 @@ def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupK
     inputs = capture_block_inputs(model, layers, windows, batch_size)
     stats: dict[GroupKey, GroupStats] = {}
     inverses: dict[GroupKey, tuple[torch.Tensor, torch.Tensor]] = {}
-    for i in range(max(wanted) + 1 if wanted else 0):
+    n_blocks = max(wanted) + 1 if wanted else 0
+    task = progress.add_task("unit errors", total=n_blocks, info="Gram, block by block") if progress is not None else None
+    for i in range(n_blocks):
         here = [k for k in groups if k.layer == i and adapter.group_size(k) > 0]
         if here:
             residual = sum(float(h.to(gram_dtype(h.device)).pow(2).sum()) for h in inputs.hidden)
@@ -107,6 +109,10 @@ def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupK
             if key.layer == i and key not in stats:
                 stats[key] = GroupStats(unit_error=torch.zeros(0, dtype=torch.float64))
         inputs.hidden = outputs
+        if task is not None:
+            progress.advance(task)
+    if task is not None:
+        progress.remove_task(task)
     return stats, inverses
 
 

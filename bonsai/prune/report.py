@@ -1,4 +1,5 @@
-"""report.png: units kept per layer (like the paper's Figure 4) and CV tau per iteration."""
+"""report.png: units kept per layer (like the paper's Figure 4), and per iteration either each layer group's
+probe cost (probe selection) or the regression's CV tau (paper selection)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,24 @@ def plot_report(report: dict, path: str | Path) -> None:
     axes[1].set_title("MLP channels kept per layer")
     for ax in axes[:2]:
         ax.set_xlabel("layer")
-    taus = [h["cv_tau"] if h["cv_tau"] is not None else float("nan") for h in history]
-    axes[2].plot([h["iteration"] for h in history], taus, marker="o")
-    axes[2].set_title("cross-validated Kendall tau")
-    axes[2].set_xlabel("iteration")
-    axes[2].set_ylim(-0.1, 1.0)
+    if any(h.get("probe_increase") for h in history):
+        for h in history:
+            costs = h.get("probe_increase") or {}
+            for kind, marker in (("attention", "o"), ("mlp", "s")):
+                xs = [int(k.split(".")[0]) for k in costs if k.endswith(kind)]
+                ys = [v for k, v in costs.items() if k.endswith(kind)]
+                axes[2].plot(xs, ys, marker=marker, linestyle="-", markersize=3, alpha=0.7,
+                             label=f"iter {h['iteration']} {kind}")
+        axes[2].set_yscale("log")
+        axes[2].set_title("probe cost per layer group (KL or loss increase)")
+        axes[2].set_xlabel("layer")
+        axes[2].legend(fontsize=6, ncol=2)
+    else:
+        taus = [h["cv_tau"] if h["cv_tau"] is not None else float("nan") for h in history]
+        axes[2].plot([h["iteration"] for h in history], taus, marker="o")
+        axes[2].set_title("cross-validated Kendall tau")
+        axes[2].set_xlabel("iteration")
+        axes[2].set_ylim(-0.1, 1.0)
     t = report["totals"]
     fig.suptitle(f"{report['model']}: {report['settings']['method']}, sparsity {t['sparsity']:.3f} "
                  f"(target {t['target_sparsity']})")

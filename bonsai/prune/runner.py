@@ -91,6 +91,7 @@ class PruneRun:
         # sub-models, and the current model's next-token distributions for the KL utility
         self._compensation = None
         self._reference = None
+        self._progress = None
 
     # ---- output folder and state ---------------------------------------------------------
     def _prepare_dir(self, force: bool) -> None:
@@ -162,6 +163,7 @@ class PruneRun:
         if self.resuming and self.dist.is_main:
             console.print(f"resuming {self.out} at iteration {state.completed_iterations + 1}/{b.iterations}")
         with make_progress(disable=not self.dist.is_main) as progress:
+            self._progress = progress
             it_task = progress.add_task("iterations", total=b.iterations, completed=state.completed_iterations,
                                         info=f"sparsity 0.000 → {self.cfg.sparsity}")
             for t in range(state.completed_iterations, b.iterations):
@@ -258,7 +260,7 @@ class PruneRun:
 
         stats, compensation = group_statistics(self.model, self.adapter, self.groups, windows, cfg.batch_size,
                                                damp=cfg.reconstruct_damp, keep_inverse=cfg.compensate,
-                                               columns=candidate_columns)
+                                               columns=candidate_columns, progress=self._progress)
         return {k: stats[k].unit_error.numpy() for k in self.groups}, compensation
 
     def _start_iteration(self, t: int, windows: torch.Tensor) -> IterationState:

@@ -91,6 +91,24 @@ def eval_cmd(
 
         manager = task_manager(include_path)
         check_task_names(list(tasks), manager)
+    from bonsai.export.llamacpp import is_gguf
+
+    if is_gguf(model):  # a GGUF export, run by llama.cpp itself
+        if tasks:
+            raise BonsaiError("lm-eval tasks run on Hugging Face folders; evaluate the folder the GGUF was exported from")
+        from bonsai.export.llamacpp import gguf_context_length, gguf_perplexity
+
+        results = {"model": model, "perplexity": {}, "tasks": {}}
+        for t in ppl_targets:
+            length = seqlen or min(2048, gguf_context_length(model))
+            result = gguf_perplexity(t, model, seqlen=length, split=split, max_windows=max_windows)
+            _print_ppl(result)
+            results["perplexity"][result["dataset"]] = result
+        if json_path is not None:
+            from bonsai.io import write_json_atomic
+
+            write_json_atomic(json_path, next(iter(results["perplexity"].values())) if len(ppl_targets) == 1 else results)
+        return
     from bonsai.models.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model, trust_remote_code)
@@ -289,6 +307,38 @@ def prune_cmd(
     if run.dist.is_main:
         _print_prune(report, out)
     run.dist.close()
+
+
+@app.command("export")
+def export_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    fmt: str = typer.Option("gguf", "--format", "-f", help="Output format: gguf (llama.cpp)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file, e.g. model.gguf (written atomically)."),
+    dtype: str = typer.Option("f16", help="Weight type: f32 | f16 | bf16 | q8_0 (norms and biases stay f32)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the export report (layout, padding, types) here."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint (off by default)."),
+) -> None:
+    """Write a pruned (or any supported) model in a serving format: GGUF for llama.cpp."""
+    _quiet_transformers()
+    from bonsai.export import export_model
+    from bonsai.progress import out_console as console
+
+    report = export_model(model, fmt, out, dtype, force=force, trust_remote_code=trust_remote_code)
+    console.print(f"wrote {out} ({report['architecture']}, {dtype}, {report['bytes'] / 2**20:.1f} MiB, "
+                  f"{report['params_written']:,} values for {report['model_params']:,} parameters)")
+    for note in report.get("padded", []):
+        console.print(f"  padded: {note}")
+    if report.get("removed_layers"):
+        console.print(f"  removed layers (no attention, no MLP): {report['removed_layers']}")
+    fallback = sorted(n for n, t in report["tensor_types"].items() if t != dtype and t != "f32")
+    if fallback:
+        console.print(f"  {len(fallback)} tensor(s) kept as f16: their row length is not a multiple of the "
+                      f"{dtype} block (e.g. {fallback[0]})")
+    if json_path is not None:
+        from bonsai.io import write_json_atomic
+
+        write_json_atomic(json_path, report)
 
 
 @app.command("finetune")

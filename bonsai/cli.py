@@ -166,8 +166,29 @@ def bench_cmd(
     json_path: Path | None = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoints (off by default)."),
 ) -> None:
-    """Speedup of MODEL over BASELINE: forward latency over seqlen-token windows and generation throughput."""
+    """Speedup of MODEL over BASELINE: forward latency over seqlen-token windows and generation throughput
+    (transformers), or prompt and generation tokens/s in llama.cpp when both are GGUF files."""
     _quiet_transformers()
+    from bonsai.export.llamacpp import is_gguf
+
+    if is_gguf(model) or is_gguf(baseline):
+        if not (is_gguf(model) and is_gguf(baseline)):
+            raise BonsaiError("compare a GGUF file with a GGUF file (export the other model with `bonsai export`)")
+        from bonsai.bench.llamacpp_speed import run_gguf_bench
+        from bonsai.progress import out_console
+
+        result = run_gguf_bench(model, baseline, prompt=seqlen or 256, generate=generate_tokens, repeats=repeats)
+        m, b = result["models"]["model"], result["models"]["baseline"]
+        out_console.print(f"llama.cpp, median of {repeats}: prompt {m['prompt_tokens_per_second']:.1f} vs "
+                          f"{b['prompt_tokens_per_second']:.1f} tok/s ({result['speedup']['prompt']:.2f}x)"
+                          + (f", generation {m['generate_tokens_per_second']:.1f} vs {b['generate_tokens_per_second']:.1f}"
+                             f" tok/s ({result['speedup']['generate']:.2f}x)" if generate_tokens else "")
+                          + f"; parameter ratio {result['param_ratio']:.2f}x")
+        if json_path is not None:
+            from bonsai.io import write_json_atomic
+
+            write_json_atomic(json_path, result)
+        return
     from bonsai.bench.speed import run_bench
     from bonsai.progress import make_progress
 

@@ -9,6 +9,10 @@ import transformers
 def tiny_config(family: str, attn: str = "eager", **overrides):
     common = dict(vocab_size=97, hidden_size=64, intermediate_size=48, num_hidden_layers=3,
                   max_position_embeddings=128)
+    # sizes go to the constructor, so that derived fields (Qwen2's per-layer types) follow them
+    for key in list(overrides):
+        if key in common:
+            common[key] = overrides.pop(key)
     if family == "llama":
         cfg = transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **common)
     elif family == "llama-gqa":

@@ -85,6 +85,8 @@ def add_tokenizer(writer, tokenizer, model) -> None:
         else:
             tokens.append(by_id[i])
             types.append(int(gguf.TokenType.NORMAL))
+    if len(set(tokens)) != len(tokens):
+        raise BonsaiError("the tokenizer has duplicate token strings, which a GGUF vocabulary cannot hold; export refused")
     merges = [m if isinstance(m, str) else " ".join(m) for m in body.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)

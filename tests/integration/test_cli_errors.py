@@ -47,6 +47,17 @@ def run_cli(monkeypatch, capsys, *args):
     (["finetune", "--model", "tiny", "--data", "kjv", "--out", "x"], "--teacher (the parent model) is required"),
     (["finetune", "--model", "tiny", "--teacher", "tiny", "--data", "wikitext2", "--out", "x"], "cannot be reached"),
     (["finetune", "--model", "/no/such", "--teacher", "tiny", "--out", "x"], "model path not found"),
+    (["prune", "--model", "tiny", "--reconstruct", "magic", "--out", "x"], "unknown --reconstruct"),
+    (["prune", "--model", "tiny", "--method", "wanda", "--reconstruct", "lstsq", "--out", "x"], "keeps every shape"),
+    (["prune", "--model", "tiny", "--selection", "magic", "--out", "x"], "unknown --selection"),
+    (["prune", "--model", "tiny", "--utility", "magic", "--out", "x"], "unknown --utility"),
+    (["prune", "--model", "tiny", "--method", "no-regression", "--out", "x"], "use it with --selection paper"),
+    (["prune", "--model", "tiny", "--reconstruct-samples", "0", "--out", "x"], "--reconstruct-samples"),
+    (["export", "/no/such", "--out", "x.gguf"], "model path not found"),
+    (["export", "tiny", "--format", "onnx", "--out", "x.onnx"], "unknown export format"),
+    (["export", "tiny", "--out", "x.gguf", "--dtype", "q4_0"], "unknown --dtype"),
+    (["eval", "kjv", "--model", "missing.gguf"], "GGUF file not found"),
+    (["eval", "boolq", "--model", "x.gguf"], "lm-eval tasks run on Hugging Face folders"),
 ])
 def test_bad_input_is_one_line(monkeypatch, capsys, tmp_path, args, message):
     monkeypatch.chdir(tmp_path)
@@ -117,3 +128,21 @@ def test_finetune_model_that_is_not_a_causal_lm(monkeypatch, capsys, tmp_path, t
     code, err = run_cli(monkeypatch, capsys, "finetune", "--model", str(folder), "--distill-weight", "0",
                         "--data", "kjv", "--seqlen", "32", "--samples", "4", "--out", str(tmp_path / "o"))
     assert code == 2 and "unsupported architecture 'bert'" in err and len(err.splitlines()) == 1
+
+
+def test_export_refuses_an_existing_file_and_a_model_without_tokenizer(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("gguf")
+    import shutil
+
+    from bonsai.models.aliases import TINY_MODEL_DIR
+
+    (tmp_path / "x.gguf").write_text("precious")
+    code, err = run_cli(monkeypatch, capsys, "export", "tiny", "--out", str(tmp_path / "x.gguf"))
+    assert code == 2 and "--force" in err and (tmp_path / "x.gguf").read_text() == "precious"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(TINY_MODEL_DIR / name, bare / name)
+    code, err = run_cli(monkeypatch, capsys, "export", str(bare), "--out", str(tmp_path / "y.gguf"))
+    assert code == 2 and "tokenizer" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "y.gguf").exists()

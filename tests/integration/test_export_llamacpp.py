@@ -126,3 +126,47 @@ def test_eval_and_export_cli(monkeypatch, tmp_path):
         "--json", str(tmp_path / "e.json"))
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["engine"] == "llama.cpp" and result["windows"] == 4 and result["ppl"] > 1
+
+
+def test_bench_on_gguf_reports_both_speeds_and_the_parameter_ratio(tmp_path, tiny_tokenizer):
+    from bonsai.bench.llamacpp_speed import run_gguf_bench
+    from bonsai.export.llamacpp import gguf_metadata
+
+    parent = tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    write_gguf(parent, tiny_tokenizer, tmp_path / "p.gguf", "f16")
+    pruned = _pruned("llama", tiny_tokenizer, refit=False)
+    write_gguf(pruned, tiny_tokenizer, tmp_path / "m.gguf", "f16")
+    r = run_gguf_bench(str(tmp_path / "m.gguf"), str(tmp_path / "p.gguf"), prompt=16, generate=4, repeats=1)
+    assert r["param_ratio"] == pytest.approx(gguf_metadata(str(tmp_path / "p.gguf"))[1]
+                                             / gguf_metadata(str(tmp_path / "m.gguf"))[1])
+    for side in ("model", "baseline"):
+        assert r["models"][side]["prompt_tokens_per_second"] > 0 and r["models"][side]["generate_tokens_per_second"] > 0
+    assert set(r["speedup"]) == {"prompt", "generate"}
+
+
+@pytest.mark.slow
+def test_real_model_export_matches_llama_cpp():
+    """SmolLM2-135M (scripts/get_smollm2.py): its 49k BPE vocabulary tokenises the same in llama.cpp, and the
+    f32 logits agree. Slow: skipped unless the model has been fetched."""
+    from pathlib import Path
+
+    from bonsai.data.sources import load_text
+    from bonsai.models.loading import load_model, load_tokenizer
+
+    folder = Path(__file__).resolve().parents[2] / "runs" / "models" / "smollm2-135m"
+    if not (folder / "config.json").exists():
+        pytest.skip("run scripts/get_smollm2.py first")
+    tok = load_tokenizer(str(folder))
+    model = load_model(str(folder), dtype="float32", device="cpu")
+    out = Path(__file__).parent / ".smollm2-test.gguf"
+    try:
+        write_gguf(model, tok, out, "f32")
+        gm = GGUFModel(out, n_ctx=128)
+        sample = load_text("austen", "test").text[:20000] + TEXT
+        assert gm.tokenize(sample) == tok(sample, add_special_tokens=False)["input_ids"]
+        ids = tok(sample, add_special_tokens=False)["input_ids"][:96]
+        with torch.no_grad():
+            expect = model(torch.tensor([ids])).logits[0].numpy()
+        assert np.abs(gm.logits(ids) - expect).max() <= 1e-3 * np.abs(expect).max()
+    finally:
+        out.unlink(missing_ok=True)

@@ -259,6 +259,13 @@ def prune_cmd(
                                                 "to come; default) instead of zeroed (the paper)."),
     utility: str | None = typer.Option(None, help="A sub-model's utility: kl (default: -KL from the current model's "
                                                   "next-token distributions) | loss (-LM loss, the paper's)."),
+    width_multiple: int | None = typer.Option(None, "--width-multiple",
+                                              help="Keep every layer's MLP width a multiple of N (0 allowed): widths "
+                                                   "that tile and quantise well (llama.cpp K-quants need 256)."),
+    head_multiple: int | None = typer.Option(None, "--head-multiple",
+                                             help="Keep every layer's attention units (key/value groups) a multiple of N."),
+    allocation: str | None = typer.Option(None, help="global (per-layer sizes, default) | uniform (the same sizes in "
+                                                     "every layer: a stock config every engine loads)."),
     per_parameter: bool | None = typer.Option(None, "--per-parameter/--per-unit",
                                               help="paper selection: rank units by coefficient per parameter."),
     units: str | None = typer.Option(None, help="Unit kinds to prune: attention,mlp (default), attention or mlp."),
@@ -306,7 +313,8 @@ def prune_cmd(
                      probe_depths=probe_depths,
                      calib=calib, calib_samples=calib_samples, seqlen=seqlen, batch_size=batch_size,
                      regression=regression, selection=selection, compensate=compensate, per_parameter=per_parameter,
-                     utility=utility,
+                     utility=utility, width_multiple=width_multiple, head_multiple=head_multiple,
+                     allocation=allocation,
                      units=units, seed=seed, dtype=dtype, device=device,
                      device_map=device_map, checkpoint_every=checkpoint_every, sparsity_type=sparsity_type,
                      llmp_importance=llmp_importance, llmp_aggregation=llmp_aggregation,

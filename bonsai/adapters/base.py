@@ -179,6 +179,13 @@ class ArchAdapter(ABC):
     def unit_width(self, key: GroupKey) -> int:
         return self.spec(key).unit_width
 
+    def stock_config(self, attention_units: int, mlp_units: int) -> dict:
+        """Config fields of the family for a model whose every layer has these sizes: saved this way, it loads
+        in stock transformers (and every engine) without bonsai's plan."""
+        att = self.attention(0)
+        return {"num_attention_heads": attention_units * att.queries_per_kv, "num_key_value_heads": attention_units,
+                "head_dim": att.head_dim, "intermediate_size": mlp_units}
+
     def add_output_bias(self, key: GroupKey) -> None:
         """Give the group's output projection a zero bias (reconstruction may need one the family lacks);
         the saved plan records it so the checkpoint reloads with the same shapes."""

@@ -135,9 +135,10 @@ def group_importance(model, adapter: ArchAdapter, keys: list[GroupKey], windows:
     return out
 
 
-def uniform_removals(importance: dict[GroupKey, np.ndarray], adapter: ArchAdapter, target_params: float
-                     ) -> dict[GroupKey, np.ndarray]:
-    """The same fraction r of units in every group, r chosen so that the removed parameters reach the target."""
+def uniform_removals(importance: dict[GroupKey, np.ndarray], adapter: ArchAdapter, target_params: float,
+                     multiple=None) -> dict[GroupKey, np.ndarray]:
+    """The same fraction r of units in every group, r chosen so that the removed parameters reach the target;
+    `multiple(group)` rounds each group's kept count to a multiple (nearest)."""
     prunable = sum(adapter.group_size(k) * adapter.params_per_unit(k) for k in importance)
     ratio = target_params / prunable
     if ratio >= 1:
@@ -146,5 +147,9 @@ def uniform_removals(importance: dict[GroupKey, np.ndarray], adapter: ArchAdapte
     drops = {}
     for key, scores in importance.items():
         n = int(round(ratio * len(scores)))
+        m = multiple(key) if multiple is not None else 1
+        if m > 1:
+            kept = int(round((len(scores) - n) / m)) * m
+            n = len(scores) - min(kept, len(scores) // m * m)
         drops[key] = np.argsort(scores, kind="stable")[:n]
     return drops

@@ -130,7 +130,9 @@ class BaselineRun:
         importance = group_importance(self.model, adapter, keys, windows, cfg.batch_size, cfg.llmp_importance,
                                       cfg.llmp_aggregation, progress)
         target = cfg.sparsity * block_before
-        if cfg.global_ranking:
+        if cfg.global_ranking and self._multiples():
+            drops = self._global_in_multiples(importance, target)
+        elif cfg.global_ranking:
             flat = np.concatenate([importance[k] for k in keys])
             params = np.concatenate([np.full(len(importance[k]), adapter.params_per_unit(k)) for k in keys])
             if target > params.sum():
@@ -139,8 +141,27 @@ class BaselineRun:
             offsets = np.cumsum([0] + [len(importance[k]) for k in keys])
             drops = {k: drop[(drop >= offsets[j]) & (drop < offsets[j + 1])] - offsets[j] for j, k in enumerate(keys)}
         else:
-            drops = uniform_removals(importance, adapter, target)
+            drops = uniform_removals(importance, adapter, target, multiple=self._multiple)
         return {"layer_range": [start, end], **self._remove(drops, progress)}
+
+    def _multiples(self) -> bool:
+        return self.cfg.width_multiple > 1 or self.cfg.head_multiple > 1
+
+    def _multiple(self, key) -> int:
+        return self.cfg.head_multiple if key.kind == "attention" else self.cfg.width_multiple
+
+    def _global_in_multiples(self, importance: dict, target: float) -> dict:
+        """One global ranking (lowest importance first) in whole steps: every group keeps a multiple of N units."""
+        from bonsai.prune.selection import GroupOrder, select_in_multiples
+
+        orders = {}
+        for key, score in importance.items():
+            if len(score) == 0:
+                continue
+            order = np.argsort(score, kind="stable")
+            orders[key] = GroupOrder(units=order, scores=np.asarray(score)[order], unit_params=self.adapter.params_per_unit(key),
+                                     size=len(score), multiple=self._multiple(key), allowed=len(score))
+        return dict(zip(orders, select_in_multiples(list(orders.values()), target), strict=True))
 
     def _flap(self, windows, block_before: int, progress) -> dict:
         from bonsai.baselines.flap import flap_removals, flap_scores
@@ -150,7 +171,9 @@ class BaselineRun:
         console.print(f"FLAP: fluctuation metric (WIFV), per-layer standardisation, one global threshold; "
                       f"compensation: --reconstruct {cfg.reconstruct}")
         scores = flap_scores(self.model, adapter, keys, windows, cfg.batch_size, progress)
-        return self._remove(flap_removals(scores, adapter, cfg.sparsity * block_before), progress)
+        target = cfg.sparsity * block_before
+        drops = self._global_in_multiples(scores, target) if self._multiples() else flap_removals(scores, adapter, target)
+        return self._remove(drops, progress)
 
     def _remove(self, drops: dict, progress) -> dict:
         """Remove the dropped units of every group through the shared reconstruction (--reconstruct)."""
@@ -206,13 +229,14 @@ class BaselineRun:
 
 _SHARED = {"model", "sparsity", "method", "calib", "calib_samples", "seqlen", "batch_size", "seed", "dtype", "device",
            "device_map", "units"}
+_STRUCTURED = {"width_multiple", "head_multiple"}
 
 
 def _relevant(method: str, key: str) -> bool:
     structured = method in ("llm-pruner", "flap")
     if key in _SHARED:
         return key != "units" or structured
-    if key.startswith("reconstruct"):
+    if key.startswith("reconstruct") or key in _STRUCTURED:
         return structured
     if method == "wanda":
         return key == "sparsity_type"

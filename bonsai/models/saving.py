@@ -45,6 +45,38 @@ def record_plan(adapter: ArchAdapter) -> dict:
     return plan
 
 
+def uniform_sizes(adapter: ArchAdapter) -> tuple[int, int] | None:
+    """(attention units, MLP units) when every layer has them, none is empty and no bias was added; else None."""
+    sizes = {(adapter.attention(i).units, adapter.mlp(i).units) for i in range(adapter.num_layers)}
+    if len(sizes) != 1:
+        return None
+    att, mlp = next(iter(sizes))
+    if att == 0 or mlp == 0 or "linear_bias" in record_plan(adapter):
+        return None
+    return att, mlp
+
+
+def _stock_config(adapter: ArchAdapter) -> dict | None:
+    """The family's config fields for a uniform model, if its config class accepts them (transformers' LLaMA
+    config, for one, refuses a head count that does not divide the hidden size, even with an explicit head_dim:
+    such a model keeps bonsai's plan)."""
+    import copy
+
+    sizes = uniform_sizes(adapter)
+    if sizes is None:
+        return None
+    fields = adapter.stock_config(*sizes)
+    candidate = copy.deepcopy(adapter.model.config)
+    for name, value in fields.items():
+        setattr(candidate, name, value)
+    try:
+        if hasattr(candidate, "validate"):
+            candidate.validate()
+    except Exception:  # the family's own validation: keep the plan, which loads the same weights
+        return None
+    return fields
+
+
 def _fresh_bias_layout(adapter: ArchAdapter) -> dict[str, bool]:
     """Which block linears have a bias in a model built from the config alone (no weights, meta device)."""
     import transformers
@@ -95,6 +127,14 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, overwrite: boo
     adapter = get_adapter(model)
     config = model.config
     plan = structured or getattr(config, PLAN_KEY, None) is not None
+    stock = _stock_config(adapter) if plan else None
+    if stock is not None:  # the same sizes in every layer: the family's own config says it all
+        for name, value in stock.items():
+            setattr(config, name, value)
+        for attr in (PLAN_KEY, "auto_map"):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        plan = False
     if plan:
         setattr(config, PLAN_KEY, record_plan(adapter))
         config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.BonsaiForCausalLM"}

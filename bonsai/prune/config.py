@@ -49,6 +49,10 @@ class PruneConfig:
     probe_depths: int = 1  # probe: depths measured per group (1: its whole candidate set); --samples is the paper's
     compensate: bool = True  # evaluate sub-models with their dropped units compensated (the refit to come)
     utility: str = "kl"  # U of a sub-model: -(KL from the current model's next-token distributions), or -(LM loss)
+    # serving shapes: every layer's MLP width / attention units a multiple of N, or every layer the same
+    width_multiple: int = 1
+    head_multiple: int = 1
+    allocation: str = "global"
     per_parameter: bool = False  # paper selection: rank units by beta per parameter instead of beta
     units: str = "attention,mlp"
     seed: int = 0
@@ -95,6 +99,10 @@ class PruneConfig:
             raise BonsaiError(f"unknown --utility {self.utility!r}: choose loss or kl")
         if self.selection not in SELECTIONS:
             raise BonsaiError(f"unknown --selection {self.selection!r}: choose from {', '.join(SELECTIONS)}")
+        if self.width_multiple < 1 or self.head_multiple < 1:
+            raise BonsaiError("--width-multiple and --head-multiple must be at least 1")
+        if self.allocation not in ("global", "uniform"):
+            raise BonsaiError(f"unknown --allocation {self.allocation!r}: choose global or uniform")
         if self.probe_depths < 1:
             raise BonsaiError(f"--probe-depths must be at least 1 (got {self.probe_depths})")
         if self.method == "no-regression" and self.selection != "paper":

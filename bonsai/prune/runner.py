@@ -29,7 +29,7 @@ from bonsai.prune.evaluate import SubModelEvaluator, prior_pass
 from bonsai.prune.priors import NEEDS_GRAM
 from bonsai.prune.sampling import candidate_units, probe_masks, sample_masks
 from bonsai.prune.scoring import unit_scores
-from bonsai.prune.selection import select_removals
+from bonsai.prune.selection import GroupOrder, select_in_multiples, select_removals, select_uniform
 from bonsai.prune.state import IterationState, RunState, StateStore
 from bonsai.reconstruct import RemovalReport, remove_units
 from bonsai.runtime import peak_memory
@@ -206,8 +206,14 @@ class PruneRun:
         if cfg.method in ("bonsai", "no-regression"):
             self._evaluate_pending(it, keys, offsets, windows, progress)
         scores, reg, probe = unit_scores(cfg, it, keys, offsets, cand_prior, cand_params, t)
-        drop = self.dist.broadcast(select_removals(scores, cand_prior, cand_params, need))
-        removal = self._apply(t, keys, offsets, it, drop, state, progress)
+        if cfg.width_multiple > 1 or cfg.head_multiple > 1 or cfg.allocation == "uniform":
+            removed = self._select_in_steps(it, keys, offsets, scores, need)
+        else:
+            drop = select_removals(scores, cand_prior, cand_params, need)
+            removed = {key: it.candidates[str(key)][drop[(drop >= offsets[j]) & (drop < offsets[j + 1])] - offsets[j]]
+                       for j, key in enumerate(keys)}
+        removed = self.dist.broadcast({k: np.sort(v) for k, v in removed.items() if len(v)})
+        removal = self._apply(t, removed, state, progress)
         n_bad = int((~np.isfinite(it.utility) & it.done).sum())
         if n_bad:
             console.print(f"[yellow]iteration {t + 1}: {n_bad} sub-model(s) had a non-finite loss and were left out of the fit")
@@ -218,7 +224,7 @@ class PruneRun:
             "mlp_units": [adapter.group_size(GroupKey(i, "mlp")) for i in range(adapter.num_layers)],
             "block_params": block_now,
             "sparsity": 1 - block_now / b.block_params,
-            "removed_units": len(drop),
+            "removed_units": int(sum(len(v) for v in removed.values())),
             "candidates": len(cand_prior),
             "sub_models": int(it.done.sum()),
             "non_finite": n_bad,
@@ -350,15 +356,54 @@ class PruneRun:
             it.nr_sum += (per_unit * bits).sum(0)
             it.nr_count += bits.sum(0)
 
-    def _apply(self, t: int, keys, offsets, it: IterationState, drop: np.ndarray, state: RunState, progress
-               ) -> RemovalReport:
+    def _select_in_steps(self, it: IterationState, keys, offsets, scores: np.ndarray, need: float
+                         ) -> dict[GroupKey, np.ndarray]:
+        """Removal in whole steps: every group keeps a multiple of --width-multiple (MLP) / --head-multiple
+        (attention) units, and with --allocation uniform every group of a kind loses the same number."""
+        cfg = self.cfg
+        cand_scores = {key: scores[offsets[j]:offsets[j + 1]] for j, key in enumerate(keys)}
+        orders = {}
+        for key in self.groups:
+            n = self.adapter.group_size(key)
+            if n == 0:
+                continue
+            cand = it.candidates[str(key)]
+            sc = cand_scores.get(key, np.zeros(0))
+            prior = it.prior[str(key)]
+            first = np.lexsort((prior[cand], sc)) if len(cand) else np.zeros(0, dtype=np.int64)
+            rest = np.setdiff1d(np.arange(n), cand)
+            rest = rest[np.argsort(prior[rest], kind="stable")]
+            filler = float(sc.max()) if len(sc) else 0.0  # beyond the candidates: never cheaper than a candidate
+            orders[key] = GroupOrder(units=np.concatenate([cand[first], rest]).astype(np.int64),
+                                     scores=np.concatenate([sc[first], np.full(len(rest), filler)]),
+                                     unit_params=self.adapter.params_per_unit(key), size=n,
+                                     multiple=cfg.head_multiple if key.kind == "attention" else cfg.width_multiple,
+                                     allowed=len(cand))
+        if cfg.allocation != "uniform":
+            picked = select_in_multiples(list(orders.values()), need)
+            return dict(zip(orders, picked, strict=True))
+        by_kind: dict[str, list[GroupKey]] = {}
+        for key in orders:
+            by_kind.setdefault(key.kind, []).append(key)
+        for kind, group_keys in by_kind.items():
+            if len({(orders[k].size, orders[k].allowed) for k in group_keys}) > 1:
+                raise BonsaiError(f"--allocation uniform needs every layer to have the same {kind} size and candidates; "
+                                  "this model's layers differ (prune the parent, or use --allocation global)")
+        per_param = cfg.selection == "probe" and cfg.method in ("bonsai", "prior-only")
+        counts = select_uniform({kind: [orders[k] for k in ks] for kind, ks in by_kind.items()}, need, per_param)
+        removed = {}
+        for kind, ks in by_kind.items():
+            for key in ks:
+                steps = orders[key].steps()
+                stop = steps[counts[kind] - 1][1] if counts[kind] else 0
+                removed[key] = np.sort(orders[key].units[:stop])
+        return removed
+
+    def _apply(self, t: int, removed: dict[GroupKey, np.ndarray], state: RunState, progress) -> RemovalReport:
         """Remove the chosen units (slice, and refit the output projections unless --reconstruct none)."""
         keep = {}
-        for j, key in enumerate(keys):
-            local = drop[(drop >= offsets[j]) & (drop < offsets[j + 1])] - offsets[j]
-            if len(local) == 0:
-                continue
-            removed_units = set(it.candidates[str(key)][local].tolist())
+        for key, units in removed.items():
+            removed_units = set(np.asarray(units).tolist())
             keep[key] = [u for u in range(self.adapter.group_size(key)) if u not in removed_units]
         cfg = self.cfg
         refit = cfg.reconstruct != "none" and bool(keep)

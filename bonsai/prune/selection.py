@@ -1,6 +1,9 @@
-"""Global removal of the lowest-scoring units, counting real parameters (paper Eq. 2)."""
+"""Global removal of the lowest-scoring units, counting real parameters (paper Eq. 2), optionally in whole
+steps that keep every layer's width a multiple of N, or the same in every layer (uniform allocation)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -16,3 +19,90 @@ def select_removals(scores: np.ndarray, tiebreak: np.ndarray, unit_params: np.nd
     cum = np.cumsum(unit_params[order])
     n = int(np.searchsorted(cum, budget, side="left")) + 1
     return np.sort(order[: min(n, len(order))])
+
+
+@dataclass
+class GroupOrder:
+    """One group's units in removal order (cheapest first), for removal in whole steps of `multiple` units.
+
+    `scores[j]` is the score of `units[j]`; only the first `allowed` units are candidates, and a step may start
+    only among them (so rounding to a multiple can take at most `multiple - 1` units beyond the candidates).
+    """
+
+    units: np.ndarray
+    scores: np.ndarray
+    unit_params: int
+    size: int
+    multiple: int
+    allowed: int
+
+    def steps(self) -> list[tuple[int, int]]:
+        """(start, stop) positions in `units` of each removal step; after each one the group keeps a multiple
+        of `multiple` units (or none)."""
+        out, kept, start = [], self.size, 0
+        while kept > 0 and start < self.allowed:
+            target = (kept - 1) // self.multiple * self.multiple  # the next multiple below
+            stop = start + kept - target
+            out.append((start, stop))
+            start, kept = stop, target
+        return out
+
+
+def select_in_multiples(groups: list[GroupOrder], budget: float) -> list[np.ndarray]:
+    """Units to remove per group, in whole steps (each group keeps a multiple of its `multiple`), cheapest step
+    first by its mean score, until `budget` parameters are gone. The overshoot is less than one step."""
+    import heapq
+
+    steps = [g.steps() for g in groups]
+    taken = [0] * len(groups)
+    heap = []
+    for i, g in enumerate(groups):
+        if steps[i]:
+            a, b = steps[i][0]
+            heapq.heappush(heap, (float(np.mean(g.scores[a:b])), i))
+    removed = 0.0
+    while heap and removed < budget:
+        _, i = heapq.heappop(heap)
+        g = groups[i]
+        a, b = steps[i][taken[i]]
+        removed += (b - a) * g.unit_params
+        taken[i] += 1
+        if taken[i] < len(steps[i]):
+            a, b = steps[i][taken[i]]
+            heapq.heappush(heap, (float(np.mean(g.scores[a:b])), i))
+    return [np.sort(g.units[: steps[i][taken[i] - 1][1]]) if taken[i] else np.zeros(0, dtype=np.int64)
+            for i, g in enumerate(groups)]
+
+
+def select_uniform(groups: dict[str, list[GroupOrder]], budget: float, cost_per_param: bool) -> dict[str, int]:
+    """The same number of steps in every group of a kind (attention, mlp), the pair of step counts that reaches
+    `budget` at the least total cost (a unit's cost: its score, times its parameters when scores are per
+    parameter). Returns steps per kind; every group of a kind must have the same size and multiple."""
+    kinds = list(groups)
+    options = {}
+    for kind in kinds:
+        gs = groups[kind]
+        n_steps = min(len(g.steps()) for g in gs) if gs else 0
+        costs, params = [0.0], [0.0]
+        for j in range(n_steps):
+            a, b = gs[0].steps()[j]
+            unit_cost = [float(np.sum(g.scores[a:b]) * (g.unit_params if cost_per_param else 1)) for g in gs]
+            costs.append(costs[-1] + sum(unit_cost))
+            params.append(params[-1] + sum((b - a) * g.unit_params for g in gs))
+        options[kind] = (costs, params)
+    best = None
+    first, *rest = kinds
+    second = rest[0] if rest else None
+    for i in range(len(options[first][0])):
+        cost, got = options[first][0][i], options[first][1][i]
+        j = 0
+        if second is not None:
+            c2, p2 = options[second]
+            while j < len(p2) - 1 and got + p2[j] < budget:
+                j += 1
+            cost, got = cost + c2[j], got + p2[j]
+        if got >= budget and (best is None or cost < best[0]):
+            best = (cost, i, j)
+    if best is None:  # not reachable this iteration: take everything allowed
+        return {kind: len(options[kind][0]) - 1 for kind in kinds}
+    return {first: best[1], **({second: best[2]} if second is not None else {})}

@@ -114,3 +114,14 @@ def test_baselines_run_on_a_model_with_emptied_layers(monkeypatch, tmp_path, ran
         assert torch.isfinite(reloaded(ids).logits).all()
     reloaded_adapter = get_adapter(reloaded)
     assert reloaded_adapter.group_size(GroupKey(1, ATTENTION)) == 0 and reloaded_adapter.group_size(GroupKey(2, MLP)) == 0
+
+
+@pytest.mark.parametrize("method,extra", [("flap", []), ("llm-pruner", ["--llmp-layer-start", "0"]),
+                                          ("llm-pruner", ["--global"])])
+def test_structured_baselines_keep_width_multiples(monkeypatch, tmp_path, method, extra):
+    out = tmp_path / method
+    cli(monkeypatch, "prune", "--model", "tiny", "--method", method, "--sparsity", "0.3", "--calib", "kjv",
+        "--calib-samples", "8", "--seqlen", "64", "--width-multiple", "64", "--out", str(out), *extra)
+    report = json.loads((out / "report.json").read_text())
+    assert all(w % 64 == 0 for w in report["mlp_units"]) and report["settings"]["width_multiple"] == 64
+    assert abs(report["totals"]["sparsity"] - 0.3) < 0.06

@@ -267,3 +267,53 @@ def test_layers_emptied_and_pruned_further(tmp_path, random_checkpoints, selecti
         ids = torch.randint(0, 4000, (2, 16))
         with torch.no_grad():
             torch.testing.assert_close(reloaded(ids).logits, run.model(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("selection", ["probe", "paper"])
+def test_width_multiples_hold_in_every_layer(tmp_path, selection):
+    paper = dict(prior="wanda", compensate=False, utility="loss") if selection == "paper" else {}
+    run, report = prune(tmp_path / "o", model="tiny", sparsity=0.3, p_iter=0.1, samples=8, selection=selection,
+                        width_multiple=32, head_multiple=2, **paper)
+    last = report["iterations"][-1]
+    assert all(w % 32 == 0 for w in last["mlp_units"]) and all(h % 2 == 0 for h in last["attention_units"])
+    assert len(set(last["mlp_units"])) > 1  # still a per-layer allocation
+    t = report["totals"]
+    step = 32 * 3 * 192 + 2 * 4 * 192 * 32  # one MLP step plus one attention step
+    assert 0 <= t["block_params_before"] - t["block_params_after"] - 0.3 * t["block_params_before"] < step
+
+
+def test_width_multiple_one_is_the_plain_selection(tmp_path):
+    _, a = prune(tmp_path / "a", model="tiny", sparsity=0.2, p_iter=0.1, samples=8)
+    _, b = prune(tmp_path / "b", model="tiny", sparsity=0.2, p_iter=0.1, samples=8, width_multiple=1, head_multiple=1)
+    assert a["kept_units"] == b["kept_units"]
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_uniform_allocation_saves_a_stock_config(tmp_path):
+    """Every layer the same sizes: a plain LLaMA config, loaded by stock transformers without remote code, with
+    the logits of the parent whose removed units are masked and whose output projections carry the refit."""
+    from transformers import AutoModelForCausalLM
+
+    from bonsai.adapters import GroupKey, get_adapter
+    from bonsai.masking import UnitMasks
+
+    run, report = prune(tmp_path / "u", model="tiny", sparsity=0.3, p_iter=0.1, samples=8, allocation="uniform",
+                        head_multiple=2, reconstruct="none")
+    config = json.loads((tmp_path / "u" / "config.json").read_text())
+    assert "bonsai_plan" not in config and "auto_map" not in config and not (tmp_path / "u" / "modeling_bonsai.py").exists()
+    last = report["iterations"][-1]
+    assert len(set(last["attention_units"])) == 1 and len(set(last["mlp_units"])) == 1
+    assert config["intermediate_size"] == last["mlp_units"][0] and config["num_key_value_heads"] == last["attention_units"][0]
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "u", dtype=torch.float32)
+    parent = load_model("tiny", device="cpu", dtype="float32")
+    adapter = get_adapter(parent)
+    masks = {}
+    for key, kept in report["kept_units"].items():
+        m = torch.zeros(adapter.group_size(GroupKey.parse(key)))
+        m[kept] = 1
+        masks[GroupKey.parse(key)] = m
+    ids = torch.randint(0, 4000, (2, 24))
+    with UnitMasks(adapter) as um, torch.no_grad():
+        um.set(masks)
+        torch.testing.assert_close(stock(ids).logits, parent(ids).logits, atol=1e-5, rtol=0)

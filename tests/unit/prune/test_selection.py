@@ -22,3 +22,54 @@ def test_ties_broken_by_prior():
 
 def test_zero_budget_removes_nothing():
     assert len(select_removals(np.ones(3), np.ones(3), np.ones(3), 0)) == 0
+
+
+def _order(n, multiple, allowed, params=10, seed=0):
+    from bonsai.prune.selection import GroupOrder
+
+    rng = np.random.default_rng(seed)
+    scores = np.sort(rng.random(n))
+    return GroupOrder(units=rng.permutation(n), scores=scores, unit_params=params, size=n, multiple=multiple,
+                      allowed=allowed)
+
+
+def test_steps_keep_multiples_and_start_among_candidates():
+    g = _order(1409, 128, allowed=300)
+    steps = g.steps()
+    kept = [g.size - b for _, b in steps]
+    assert kept[0] == 1408 and all(k % 128 == 0 for k in kept)
+    assert all(a < g.allowed for a, _ in steps) and steps[-1][1] > g.allowed  # rounding may pass the candidates
+    assert [b - a for a, b in steps[1:]] == [128] * (len(steps) - 1)
+
+
+@pytest.mark.parametrize("multiples", [(1, 1), (32, 2), (64, 1)])
+def test_select_in_multiples_keeps_multiples_and_the_budget_within_one_step(multiples):
+    from bonsai.prune.selection import select_in_multiples
+
+    width, heads = multiples
+    groups = [_order(512, width, 200, params=3, seed=i) for i in range(4)] + \
+             [_order(8, heads, 3, params=400, seed=10 + i) for i in range(4)]
+    budget = 2500.0
+    picked = select_in_multiples(groups, budget)
+    removed = sum(len(p) * g.unit_params for p, g in zip(picked, groups, strict=True))
+    largest_step = max(max((b - a) for a, b in g.steps()) * g.unit_params for g in groups)
+    assert budget <= removed < budget + largest_step
+    for p, g in zip(picked, groups, strict=True):
+        assert (g.size - len(p)) % g.multiple == 0
+        assert set(p) == set(g.units[:len(p)])  # a prefix of the removal order
+
+
+def test_select_uniform_takes_the_same_steps_everywhere_at_least_cost():
+    from bonsai.prune.selection import GroupOrder, select_uniform
+
+    def group(cost, n, params):
+        return GroupOrder(units=np.arange(n), scores=np.full(n, cost), unit_params=params, size=n, multiple=1,
+                          allowed=n // 2)
+
+    att = [group(5.0, 4, 100) for _ in range(3)]  # expensive heads
+    mlp = [group(0.2, 40, 10) for _ in range(3)]  # cheap channels: 10 of them cost 2, a head 5
+    counts = select_uniform({"attention": att, "mlp": mlp}, budget=300, cost_per_param=False)
+    assert counts == {"attention": 0, "mlp": 10}  # 3 layers x 10 channels x 10 params
+    counts = select_uniform({"attention": att, "mlp": mlp}, budget=900, cost_per_param=False)
+    removed = 3 * (counts["attention"] * 100 + counts["mlp"] * 10)
+    assert removed >= 900 and counts["attention"] >= 1  # the channels alone (20 allowed) are not enough

@@ -21,7 +21,7 @@ def register_writer(name: str):
 
 
 def export_model(model_path: str, fmt: str, out: str | Path, dtype: str, force: bool = False,
-                 trust_remote_code: bool = False) -> dict:
+                 trust_remote_code: bool = False, allow_fallback: bool = False) -> dict:
     """Load `model_path` and write it as `fmt` to `out`; returns the writer's report."""
     from bonsai.export import gguf as _gguf  # noqa: F401  (registration)
 
@@ -36,4 +36,4 @@ def export_model(model_path: str, fmt: str, out: str | Path, dtype: str, force: 
 
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     model = load_model(model_path, dtype="float32", device="cpu", trust_remote_code=trust_remote_code)
-    return WRITERS[fmt](model, tokenizer, out, dtype, source=model_path)
+    return WRITERS[fmt](model, tokenizer, out, dtype, source=model_path, allow_fallback=allow_fallback)

@@ -35,7 +35,9 @@ from bonsai.adapters.base import ArchAdapter
 from bonsai.errors import BonsaiError
 from bonsai.export import register_writer
 
-DTYPES = ("f32", "f16", "bf16", "q8_0")
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
+K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+K_BLOCK = 256  # a K-quant block: rows must be a multiple of this long
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 ZERO_MLP_WIDTH = 32  # channels of the all-zero MLP of a layer that lost every channel (a q8_0 block)
 
@@ -312,13 +314,16 @@ def _write_phi(writer_factory, model, adapter: ArchAdapter, dtype: str, report: 
 
 
 @register_writer("gguf")
-def write_gguf(model, tokenizer, out: Path, dtype: str, source: str = "") -> dict:
-    """Write `model` (float32, CPU) and its tokenizer as one GGUF file at `out` (atomically)."""
+def write_gguf(model, tokenizer, out: Path, dtype: str, source: str = "", allow_fallback: bool = False) -> dict:
+    """Write `model` (float32, CPU) and its tokenizer as one GGUF file at `out` (atomically). K-quants go
+    through llama.cpp's own quantiser; `allow_fallback` lets it store rows it cannot block in another type."""
     gguf = _require_gguf()
     from bonsai.export.gguf_vocab import add_tokenizer
 
     if dtype not in DTYPES:
         raise BonsaiError(f"unknown --dtype {dtype!r} for gguf: choose from {', '.join(DTYPES)}")
+    if dtype in K_QUANTS:
+        return _write_k_quant(model, tokenizer, Path(out), dtype, source, allow_fallback)
     adapter = get_adapter(model)
     model_type = model.config.model_type
     if model_type not in LLAMA_LIKE and model_type != "phi":
@@ -353,4 +358,41 @@ def write_gguf(model, tokenizer, out: Path, dtype: str, source: str = "") -> dic
             tmp.unlink()
     report.update(tensor_types=sink.types, params_written=sink.params,
                   model_params=sum(p.numel() for p in model.parameters()), bytes=out.stat().st_size)
+    return report
+
+
+def _write_k_quant(model, tokenizer, out: Path, dtype: str, source: str, allow_fallback: bool) -> dict:
+    """f32 GGUF first, then llama.cpp's quantiser (llama-cpp-python), then the types it chose, read back."""
+    gguf = _require_gguf()
+    from bonsai.export.llamacpp import _llama_cpp
+
+    llama_cpp = _llama_cpp()
+    adapter = get_adapter(model)
+    hidden = model.config.hidden_size
+    odd = sorted({n for i in range(adapter.num_layers)
+                  for n in (adapter.mlp(i).units, adapter.attention(i).out.in_features) if n and n % K_BLOCK})
+    if (odd or hidden % K_BLOCK) and not allow_fallback:
+        what = (f"widths {odd[:6]} (MLP channels, or attention heads x head size); prune with --width-multiple "
+                f"{K_BLOCK} (and --head-multiple)" if odd else f"a hidden size of {hidden}")
+        raise BonsaiError(f"{dtype} needs rows that are multiples of {K_BLOCK} long and this model has {what}; "
+                          "llama.cpp would silently store those in another type (--allow-fallback accepts that)")
+    staging = out.with_name(f".{out.name}.f32-{uuid.uuid4().hex[:8]}")
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        report = write_gguf(model, tokenizer, staging, "f32", source)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, K_QUANTS[dtype])
+        params.nthread = max(1, os.cpu_count() or 1)
+        if llama_cpp.llama_model_quantize(str(staging).encode(), str(tmp).encode(), params) != 0:
+            raise BonsaiError(f"llama.cpp could not quantise the export to {dtype}")
+        os.replace(tmp, out)
+    finally:
+        for path in (staging, tmp):
+            if path.exists():
+                path.unlink()
+    reader = gguf.GGUFReader(str(out))
+    report.update(file=str(out), dtype=dtype, bytes=out.stat().st_size,
+                  tensor_types={t.name: t.tensor_type.name.lower() for t in reader.tensors})
+    report["k_quant_fallback"] = sorted(n for n, t in report["tensor_types"].items()
+                                        if n.startswith("blk.") and t != "f32" and not t.endswith("_k"))
     return report

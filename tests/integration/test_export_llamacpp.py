@@ -170,3 +170,32 @@ def test_real_model_export_matches_llama_cpp():
         assert np.abs(gm.logits(ids) - expect).max() <= 1e-3 * np.abs(expect).max()
     finally:
         out.unlink(missing_ok=True)
+
+
+def test_k_quants_cover_every_matrix_when_widths_are_multiples_of_256(tmp_path, tiny_tokenizer):
+    """q4_k_m through llama.cpp's quantiser: with hidden size, head widths and MLP widths multiples of 256 every
+    block matrix takes a K-quant type; the file runs in llama.cpp close to its f16 export."""
+    model = tiny_model("llama", "eager", vocab_size=len(tiny_tokenizer), hidden_size=256, intermediate_size=1024,
+                       num_attention_heads=4, num_key_value_heads=4)
+    adapter = get_adapter(model)
+    adapter.slice(GroupKey(1, MLP), torch.arange(512))  # per-layer widths, each a multiple of 256
+    report = write_gguf(model, tiny_tokenizer, tmp_path / "k.gguf", "q4_k_m")
+    blocks = {n: t for n, t in report["tensor_types"].items() if n.startswith("blk.") and t != "f32"}
+    assert blocks and all(t.endswith("_k") for t in blocks.values()) and report["k_quant_fallback"] == []
+    assert any(n.endswith("ffn_down.weight") for n in blocks)
+    write_gguf(model, tiny_tokenizer, tmp_path / "h.gguf", "f16")
+    ids = torch.randint(3, len(tiny_tokenizer), (24,), generator=torch.Generator().manual_seed(3)).tolist()
+    k, h = GGUFModel(tmp_path / "k.gguf", n_ctx=64).logits(ids), GGUFModel(tmp_path / "h.gguf", n_ctx=64).logits(ids)
+    assert np.isfinite(k).all() and np.corrcoef(k.ravel(), h.ravel())[0, 1] > 0.98
+
+
+def test_k_quants_refuse_widths_they_cannot_block(tmp_path, tiny_tokenizer):
+    from bonsai.errors import BonsaiError
+
+    model = tiny_model("llama", vocab_size=len(tiny_tokenizer), hidden_size=256, intermediate_size=300,
+                       num_attention_heads=4, num_key_value_heads=4)
+    with pytest.raises(BonsaiError, match="--width-multiple 256"):
+        write_gguf(model, tiny_tokenizer, tmp_path / "k.gguf", "q4_k_m")
+    assert not list(tmp_path.iterdir())
+    report = write_gguf(model, tiny_tokenizer, tmp_path / "k.gguf", "q4_k_m", allow_fallback=True)
+    assert any(n.endswith("ffn_down.weight") for n in report["k_quant_fallback"])

@@ -296,6 +296,8 @@ def prune_cmd(
     reconstruct_samples: int | None = typer.Option(None, "--reconstruct-samples",
                                                    help="Calibration windows for the refit (default: --calib-samples)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the run's cost (iterations, sub-models, forward "
+                                                          "tokens, time from a timing probe, peak memory) and stop."),
     processes: int = typer.Option(1, "--processes", min=1,
                                   help="Processes sharing the sub-model evaluations (one replica each; a GPU each "
                                        "when GPUs are used). Same as `accelerate launch --num_processes N -m bonsai prune`."),
@@ -330,6 +332,9 @@ def prune_cmd(
 
         report = BaselineRun(cfg, out, force=force).run()
         _print_baseline(report, out)
+        return
+    if dry_run:
+        _print_estimate(PruneRun(cfg, out, dry_run=True), cfg)
         return
     run = PruneRun(cfg, out, force=force)
     report = run.run()
@@ -488,6 +493,24 @@ def _print_prune(report: dict, out: Path) -> None:
     console.print(f"block sparsity {t['sparsity']:.4f} (target {t['target_sparsity']}), "
                   f"all parameters {t['params_before']:,} -> {t['params_after']:,}, "
                   f"{t['wall_seconds']:.0f}s, peak memory {t['peak_memory_bytes'] / 2**20:.0f} MiB")
+
+
+def _print_estimate(run, cfg) -> None:
+    from rich.table import Table
+
+    from bonsai.progress import out_console as console
+
+    cost = run.estimate()
+    table = Table(title=f"cost of pruning {cfg.model} to {cfg.sparsity} ({cfg.selection} selection)")
+    for col in ("iterations", "sub-models / iter", "forward tokens", "s / token", "estimated time", "peak memory"):
+        table.add_column(col, justify="right")
+    hours = cost.seconds / 3600
+    table.add_row(str(cost.iterations), str(cost.sub_models_per_iteration), f"{cost.forward_tokens / 1e6:.2f}M",
+                  f"{cost.seconds_per_token:.2e}", f"{hours:.2f} h" if hours >= 1 else f"{cost.seconds / 60:.1f} min",
+                  f"{cost.peak_bytes / 2**30:.2f} GiB")
+    console.print(table)
+    console.print(f"peak = timed forward of one batch ({cost.probe_peak_bytes / 2**30:.2f} GiB) + refit hidden states, "
+                  f"one Gram matrix and the compensation columns ({cost.extra_bytes / 2**30:.2f} GiB)")
 
 
 def _print_baseline(report: dict, out: Path) -> None:

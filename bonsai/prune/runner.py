@@ -68,12 +68,16 @@ def _rng(seed: int, iteration: int, stream: int) -> np.random.Generator:
 
 
 class PruneRun:
-    def __init__(self, cfg: PruneConfig, out_dir: str | Path, force: bool = False, model=None, tokenizer=None):
+    def __init__(self, cfg: PruneConfig, out_dir: str | Path, force: bool = False, model=None, tokenizer=None,
+                 dry_run: bool = False):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.store = StateStore(self.out)
         self.dist = Dist()
-        self._prepare_dir(force)
+        if dry_run:
+            self.resuming = False
+        else:
+            self._prepare_dir(force)
         from bonsai.eval.runner import default_seqlen
         from bonsai.models.loading import load_model, load_tokenizer
 
@@ -152,12 +156,22 @@ class PruneRun:
                         self.adapter.add_output_bias(key)
                     lin.bias.copy_(tensors[f"{key}.bias"])
 
+    def estimate(self):
+        """The run's cost (iterations, sub-models, forward tokens, time, peak memory) from a timing probe."""
+        from bonsai.prune.cost import estimate
+
+        return estimate(self.cfg, self.model, self.adapter, self.groups, self.seqlen, self.budget.iterations,
+                        self.adapter.parallel_block)
+
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
         state = self._initial_state()
         if state.finished:
             console.print(f"{self.out} already holds the finished run; nothing to do")
             return self._report(state)
+        if self.dist.is_main and not self.resuming:
+            cost = self.estimate()
+            console.print(cost.line())
         t0 = time.time()
         b = self.budget
         if self.resuming and self.dist.is_main:

@@ -317,3 +317,34 @@ def test_uniform_allocation_saves_a_stock_config(tmp_path):
     with UnitMasks(adapter) as um, torch.no_grad():
         um.set(masks)
         torch.testing.assert_close(stock(ids).logits, parent(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from bonsai.cli import main
+
+    out = tmp_path / "o"
+    monkeypatch.setattr(sys, "argv", ["bonsai", "prune", "--model", "tiny", "--sparsity", "0.3", "--p-iter", "0.1",
+                                      "--calib", "kjv", "--seqlen", "64", "--calib-samples", "8",
+                                      "--reconstruct-samples", "16", "--out", str(out), "--dry-run"])
+    main()
+    printed = capsys.readouterr().out
+    assert "cost of pruning tiny" in printed and not out.exists()
+
+
+def test_cost_model_counts_the_forward_tokens():
+    from bonsai.adapters import get_adapter
+    from bonsai.prune.cost import estimate
+
+    cfg = PruneConfig(model="tiny", sparsity=0.3, p_iter=0.1, calib_samples=8, reconstruct_samples=16, seqlen=64,
+                      batch_size=4).validate()
+    model = load_model("tiny", device="cpu", dtype="float32")
+    adapter = get_adapter(model)
+    cost = estimate(cfg, model, adapter, adapter.groups(), 64, 3, False)
+    C, R, n = 8 * 64, 16 * 64, 12  # probe: one sub-model per group
+    expect = sum((1 - 0.3 * t / 3) * (C + R + n * C + 3 * R) for t in range(3))
+    assert cost.sub_models_per_iteration == 12 and cost.forward_tokens == pytest.approx(expect)
+    assert cost.seconds == pytest.approx(cost.forward_tokens * cost.seconds_per_token)
+    paper = PruneConfig(model="tiny", sparsity=0.3, p_iter=0.1, calib_samples=8, seqlen=64, samples=20, selection="paper",
+                        prior="wanda", compensate=False, reconstruct="none").validate()
+    cost = estimate(paper, model, adapter, adapter.groups(), 64, 3, False)
+    assert cost.forward_tokens == pytest.approx(sum((1 - 0.3 * t / 3) * (C + 20 * C) for t in range(3)))

@@ -1,0 +1,95 @@
+"""What a prune run will cost, before it starts: forward tokens, time from a timing probe, peak memory.
+
+Per iteration a run spends, in forward-pass tokens (C: calibration tokens, R: refit tokens):
+  prior pass                       C
+  unit errors, block by block      R       (probe selection, the obs prior, or compensated sub-models)
+  sub-models                       n x C   (probe: 2 x layers x depths; paper: --samples)
+  refit, block by block            3 x R   (2 x R for a parallel block; 0 with --reconstruct none)
+A forward costs in proportion to the parameters left, which shrink by p_iter each iteration. The seconds per
+token come from timing one batch on the actual device and dtype; the Gram solves (milliseconds to a second
+per layer) and the regression (paper selection) are left out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bonsai.prune.config import PruneConfig
+
+
+@dataclass
+class CostEstimate:
+    iterations: int
+    sub_models_per_iteration: int
+    forward_tokens: float  # parameter-weighted: a token through the pruned model counts as its fraction
+    seconds_per_token: float
+    seconds: float
+    probe_peak_bytes: int
+    extra_bytes: int  # beyond the probe batch: refit hidden states, one Gram matrix, compensation columns
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.probe_peak_bytes + self.extra_bytes
+
+    def line(self) -> str:
+        return (f"estimate: {self.iterations} iterations x {self.sub_models_per_iteration} sub-models, "
+                f"{self.forward_tokens / 1e6:.1f}M forward tokens, ~{_duration(self.seconds)} on this device, "
+                f"peak memory ~{self.peak_bytes / 2**30:.1f} GiB")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def sub_models_per_iteration(cfg: PruneConfig, num_groups: int) -> int:
+    if cfg.method not in ("bonsai", "no-regression"):
+        return 0
+    return num_groups * cfg.probe_depths if cfg.selection == "probe" else cfg.samples
+
+
+@torch.no_grad()
+def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: int, parallel_block: bool) -> CostEstimate:
+    """Time one calibration batch (after a warm-up) and extrapolate to the whole run."""
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch = torch.randint(0, vocab, (cfg.batch_size, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model(batch[:1, : min(seqlen, 16)], use_cache=False)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    model(batch, use_cache=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds_per_token = (time.perf_counter() - start) / batch.numel()
+    from bonsai.runtime import peak_memory
+
+    probe_peak = peak_memory(device)
+    C = cfg.calib_samples * seqlen
+    R = (cfg.reconstruct_samples or cfg.calib_samples) * seqlen
+    n_sub = sub_models_per_iteration(cfg, len(groups))
+    gram = cfg.selection == "probe" or cfg.prior == "obs" or (cfg.compensate and n_sub)
+    refit = 0 if cfg.reconstruct == "none" else (2 if parallel_block else 3)
+    tokens = 0.0
+    for t in range(iterations):
+        left = 1.0 - cfg.sparsity * t / iterations  # the share of block parameters still there
+        tokens += left * (C + (R if gram else 0) + n_sub * C + refit * R)
+    dtype_bytes = next(model.parameters()).element_size()
+    widest = max(adapter.output_projection(k).in_features for k in groups)
+    gram_bytes = 2 * widest * widest * (8 if device.type == "cpu" else 4)
+    hidden = model.config.hidden_size
+    states = R * hidden * dtype_bytes if (gram or refit) else 0
+    comp = 0
+    if cfg.compensate and n_sub:
+        comp = sum(adapter.output_projection(k).in_features ** 2 * 2 * cfg.p_iter for k in groups) * 4
+    return CostEstimate(iterations=iterations, sub_models_per_iteration=n_sub, forward_tokens=tokens,
+                        seconds_per_token=seconds_per_token, seconds=tokens * seconds_per_token,
+                        probe_peak_bytes=probe_peak, extra_bytes=int(gram_bytes + states + comp))

@@ -327,17 +327,21 @@ def prune_cmd(
     cfg = build_config(config, overrides)
     if model is None and config is None:
         raise BonsaiError("--model is required (or a --config that names one)")
-    if cfg.method in BASELINE_METHODS:
-        from bonsai.baselines.runner import BaselineRun
-
-        report = BaselineRun(cfg, out, force=force).run()
-        _print_baseline(report, out)
-        return
+    if dry_run and cfg.method in BASELINE_METHODS:
+        raise BonsaiError(f"--dry-run estimates bonsai's sub-model search; {cfg.method} needs no estimate "
+                          "(one calibration pass, see docs/benchmarks.md)")
     if dry_run:
         _print_estimate(PruneRun(cfg, out, dry_run=True), cfg)
         return
-    run = PruneRun(cfg, out, force=force)
-    report = run.run()
+    with _locked(out):
+        if cfg.method in BASELINE_METHODS:
+            from bonsai.baselines.runner import BaselineRun
+
+            report = BaselineRun(cfg, out, force=force).run()
+            _print_baseline(report, out)
+            return
+        run = PruneRun(cfg, out, force=force)
+        report = run.run()
     if run.dist.is_main:
         _print_prune(report, out)
     run.dist.close()
@@ -433,7 +437,8 @@ def finetune_cmd(
     if model is None and config is None:
         raise BonsaiError("--model is required (or a --config that names one)")
     cfg = build_finetune_config(config, overrides)
-    report = FinetuneRun(cfg, out, force=force, resume=resume, trust_remote_code=trust_remote_code).run()
+    with _locked(out):
+        report = FinetuneRun(cfg, out, force=force, resume=resume, trust_remote_code=trust_remote_code).run()
     _print_finetune(report, out)
 
 
@@ -444,6 +449,15 @@ def _print_finetune(report: dict, out: Path) -> None:
                   f"parameters, {report['total_steps']} steps, {report['tokens_seen']:,} tokens)")
     console.print(f"held-out ppl ({report['data']['held_out']}): {report['ppl_before']:.3f} -> {report['ppl_after']:.3f}; "
                   f"{report['wall_seconds']:.0f}s, peak memory {report['peak_memory_bytes'] / 2**20:.0f} MiB")
+
+
+def _locked(out: Path):
+    """One run per output folder (see bonsai.runlock); other processes of a multi-process run share it."""
+    import contextlib
+
+    from bonsai.runlock import RunLock, main_process
+
+    return RunLock(out) if main_process() else contextlib.nullcontext()
 
 
 def _relaunch(processes: int) -> None:
@@ -537,16 +551,39 @@ def _print_ppl(result: dict) -> None:
     console.print(table)
 
 
+RESUME_HINT = ("prune and finetune resume from their last checkpoint when the same command is run again "
+               "(finetune with --resume)")
+
+
+class Stopped(BaseException):
+    """SIGTERM or Ctrl-C, raised in the main thread so that the usual cleanup runs (temporary files go, the
+    lock is released, checkpoints already written stay). Not a KeyboardInterrupt: typer would turn that
+    into a silent exit status."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(signum)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
-        app(standalone_mode=False)
+        status = app(standalone_mode=False)
     except BonsaiError as exc:
         print(f"bonsai: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print("bonsai: interrupted (long runs resume when the same command is run again)", file=sys.stderr)
-        sys.exit(130)
+    except (Stopped, KeyboardInterrupt) as exc:
+        term = isinstance(exc, Stopped) and exc.signum == signal.SIGTERM
+        print(f"bonsai: {'terminated' if term else 'interrupted'}; {RESUME_HINT}", file=sys.stderr)
+        sys.exit(143 if term else 130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, EOFError):
@@ -560,6 +597,10 @@ def main() -> None:
                 print(f"bonsai: error: {message}{hint}", file=sys.stderr)
             sys.exit(exc.exit_code)
         raise
+    if isinstance(status, int) and status:  # typer returns the status of an Exit in non-standalone mode
+        if status == 130:  # a KeyboardInterrupt that typer caught before us
+            print(f"bonsai: interrupted; {RESUME_HINT}", file=sys.stderr)
+        sys.exit(status)
 
 
 def _click_exception_types() -> tuple[type, ...]:

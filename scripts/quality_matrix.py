@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,19 +70,23 @@ def run_cell(model: str, variant: str, reconstruct: str, sparsity: float, seed: 
     spec = MODELS[model]
     folder = out / "runs" / cell_id(model, name, reconstruct, sparsity, seed)
     prune = [sys.executable, "-m", "bonsai", "prune", "--model", str(ROOT / spec["path"]), "--sparsity", str(sparsity),
-             "--seed", str(seed), "--reconstruct", reconstruct, "--out", str(folder), "--force",
+             "--seed", str(seed), "--reconstruct", reconstruct, "--out", str(folder),
              *spec["prune"], *VARIANTS[variant]]
     if variant not in BASELINES:  # the baselines keep their own calibration sizes; all share the text and refit windows
         prune += spec["budget"]
     if dtype:
         prune += ["--dtype", dtype]
     prune += extra  # last, so that it overrides
+    # a stopped matrix resumes: a finished prune is kept, an interrupted bonsai run resumes from its checkpoint,
+    # anything else in the folder (an interrupted baseline) starts over
+    if folder.exists() and not (folder / "report.json").exists() and not (folder / ".bonsai" / "state.json").exists():
+        shutil.rmtree(folder)
     start = time.time()
     done = subprocess.run(prune, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(prune)}\n{done.stderr[-2000:]}")
-    seconds = time.time() - start
     report = json.loads((folder / "report.json").read_text())
+    seconds = report["totals"].get("wall_seconds") or (time.time() - start)
     ev = [sys.executable, "-m", "bonsai", "eval", "austen" + (f",{TASK}" if tasks else ""), "--model", str(folder),
           *spec["eval"], "--json", str(folder / "eval.json")]
     if tasks:

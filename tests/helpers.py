@@ -26,6 +26,25 @@ def tiny_config(family: str, attn: str = "eager", **overrides):
     elif family == "phi":
         cfg = transformers.PhiConfig(num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **common)
+    elif family == "qwen3":  # head_dim 24 != hidden / heads
+        cfg = transformers.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                       use_sliding_window=False, **common)
+    elif family == "gemma":
+        cfg = transformers.GemmaConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=32, **common)
+    elif family == "gemma2":  # soft-capping, query_pre_attn_scalar, sliding layers alternating with global ones
+        cfg = transformers.Gemma2Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=5.0,
+                                        final_logit_softcapping=3.0, **common)
+    elif family == "gemma3":
+        cfg = transformers.Gemma3TextConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                            query_pre_attn_scalar=24, sliding_window=6, sliding_window_pattern=2,
+                                            **common)
+    elif family == "granite":
+        cfg = transformers.GraniteConfig(num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=6.0,
+                                         residual_multiplier=0.3, attention_multiplier=0.2, logits_scaling=4.0,
+                                         **common)
+    elif family == "olmo2":
+        cfg = transformers.Olmo2Config(num_attention_heads=4, num_key_value_heads=4, **common)
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -35,6 +54,8 @@ def tiny_config(family: str, attn: str = "eager", **overrides):
 
 
 def tiny_model(family: str, attn: str = "eager", seed: int = 0, **overrides):
+    if family == "gemma2":
+        attn = "eager"  # soft-capped attention scores: transformers runs Gemma-2 with eager attention only
     torch.manual_seed(seed)
     cfg = tiny_config(family, attn, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
@@ -46,4 +67,6 @@ def tiny_model(family: str, attn: str = "eager", seed: int = 0, **overrides):
     return model.eval()
 
 
-FAMILIES = ["llama", "llama-gqa", "mistral", "qwen2", "phi"]
+FAMILIES = ["llama", "llama-gqa", "mistral", "qwen2", "phi", "qwen3", "gemma", "gemma2", "gemma3", "granite", "olmo2"]
+# families whose attention heads cannot be removed exactly (MLP channels only)
+MLP_ONLY = {"olmo2"}

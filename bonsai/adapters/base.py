@@ -104,6 +104,8 @@ class ArchAdapter(ABC):
     linear_names: ClassVar[tuple[str, ...]] = ()
     #: attention and MLP both read the block input (Phi), instead of the MLP reading the attention's output
     parallel_block: ClassVar[bool] = False
+    #: unit kinds that cannot be removed exactly in this family, with the reason (refused in one line)
+    unprunable: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -136,7 +138,16 @@ class ArchAdapter(ABC):
         return len(self.layers())
 
     def groups(self, kinds: tuple[str, ...] = KINDS) -> list[GroupKey]:
-        return [GroupKey(i, k) for i in range(self.num_layers) for k in KINDS if k in kinds]
+        """The unit groups of `kinds` this family can prune exactly (see `check_kinds` for the refusal)."""
+        return [GroupKey(i, k) for i in range(self.num_layers) for k in KINDS if k in kinds and k not in self.unprunable]
+
+    def check_kinds(self, kinds: tuple[str, ...]) -> None:
+        """Refuse, in one line, a request to prune units this family cannot remove exactly."""
+        from bonsai.errors import BonsaiError
+
+        for kind in kinds:
+            if kind in self.unprunable:
+                raise BonsaiError(self.unprunable[kind])
 
     def spec(self, key: GroupKey) -> AttentionSpec | MlpSpec:
         return self.attention(key.layer) if key.kind == ATTENTION else self.mlp(key.layer)

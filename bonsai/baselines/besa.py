@@ -16,14 +16,13 @@ Only one block and its calibration activations are in memory; the dense outputs 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch.func import functional_call
 
 from bonsai.baselines.layerwise import (
@@ -36,7 +35,8 @@ from bonsai.baselines.layerwise import (
 )
 from bonsai.baselines.wanda import wanda_scores
 from bonsai.errors import BonsaiError
-from bonsai.io import write_json_atomic
+from bonsai.io import DamagedFile, read_json, read_safetensors, write_json_atomic, write_safetensors_atomic
+from bonsai.progress import console
 
 ABORT_ENV = "BONSAI_ABORT_AFTER_BLOCKS"
 
@@ -137,16 +137,18 @@ def rescale_to_target(alphas: dict[str, torch.Tensor], sizes: dict[str, int], ta
 
 
 def prune_besa(run, windows: torch.Tensor, progress=None) -> dict:
-    """Prune every block of `run.model` in place; returns the report details (resumable per block)."""
+    """Prune every block of `run.model` in place; returns the report details (resumable per block: a damaged
+    block checkpoint is discarded with the ones after it, and those blocks are learned again)."""
     cfg, adapter, model = run.cfg, run.adapter, run.model
     state_dir = run.state_dir
     layers = adapter.layers()
     state_file = state_dir / "besa-run.json"
     saved = {"fingerprint": cfg.fingerprint(), "blocks": []}
     if run.resuming:
-        saved = json.loads(state_file.read_text())
+        saved = read_json(state_file, hint="pass --force to start the run over")
         if saved["fingerprint"] != cfg.fingerprint():
             raise BonsaiError(f"{run.out} holds a BESA run with other settings; pass --force to replace it")
+        saved["blocks"] = saved["blocks"][:_intact_blocks(state_dir, len(saved["blocks"]))]
     state_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(state_file, saved)
     run.elapsed_before = sum(b["seconds"] for b in saved["blocks"])
@@ -162,7 +164,7 @@ def prune_besa(run, windows: torch.Tensor, progress=None) -> dict:
         if norms is not None:
             norms.remove()  # the same dense pass gave the ranking statistics
         if done:  # done by an earlier process: restore its pruned weights
-            weights = load_file(str(state_dir / f"besa-block-{i}.safetensors"))
+            weights = read_safetensors(state_dir / f"besa-block-{i}.safetensors")
             with torch.no_grad():
                 for name, lin in block_linears(block, adapter.linear_names).items():
                     lin.weight.copy_(weights[name].to(lin.weight.device, lin.weight.dtype))
@@ -171,14 +173,14 @@ def prune_besa(run, windows: torch.Tensor, progress=None) -> dict:
             result = _learn_block(block, adapter, inputs, targets, norms.norms(), levels, cfg, progress)
             result["seconds"] = time.time() - start
             linears = block_linears(block, adapter.linear_names)
-            save_file({n: lin.weight.detach().cpu().contiguous() for n, lin in linears.items()},
-                      str(state_dir / f"besa-block-{i}.safetensors"))
+            write_safetensors_atomic(state_dir / f"besa-block-{i}.safetensors",
+                                     {n: lin.weight.detach().cpu().contiguous() for n, lin in linears.items()})
             saved["blocks"].append(result)
             write_json_atomic(state_file, saved)
             if abort_after and len(saved["blocks"]) >= abort_after:
                 os._exit(75)  # simulated crash after a block's checkpoint, for the resume test
         inputs.hidden = targets
-        if task is not None:
+        if task is not None and not done:  # the task started at the blocks already done
             progress.advance(task)
     blocks = saved["blocks"]
     return {
@@ -247,3 +249,17 @@ def _learn_block(block, adapter, inputs: BlockInputs, targets, input_norms: dict
         "loss_first_epoch": epoch_losses[0],
         "loss_last_epoch": epoch_losses[-1],
     }
+
+
+def _intact_blocks(state_dir: Path, recorded: int) -> int:
+    """How many of the recorded block checkpoints read back intact, counting from the first."""
+    for i in range(recorded):
+        path = state_dir / f"besa-block-{i}.safetensors"
+        try:
+            read_safetensors(path)
+        except (DamagedFile, FileNotFoundError) as exc:
+            console.print(f"[yellow]discarding BESA block checkpoints from {path} on "
+                          f"({exc if isinstance(exc, DamagedFile) else 'missing'}); those blocks are learned again",
+                          soft_wrap=True)
+            return i
+    return recorded

@@ -44,9 +44,10 @@ class BaselineRun:
         self.out = Path(out_dir)
         self.state_dir = self.out / ".bonsai"
         self.resuming = False
+        self._replace = False
         if self.out.exists():
             if force:
-                shutil.rmtree(self.out)
+                self._replace = True  # removed in run(), once the model and the text have been checked
             elif cfg.method == "besa" and (self.state_dir / "besa-run.json").exists():
                 self.resuming = True  # BESA resumes block by block
             else:
@@ -55,7 +56,13 @@ class BaselineRun:
         self.model = model if model is not None else load_model(cfg.model, dtype=cfg.dtype,
                                                                  device=str(resolve_device(cfg.device)),
                                                                  device_map=cfg.device_map)
+        if model is None:
+            from bonsai.models.checks import check_finite
+
+            check_finite(self.model, cfg.model)
         self.adapter = get_adapter(self.model)
+        if cfg.method != "wanda" and cfg.method != "besa":  # unstructured methods remove weights, not units
+            self.adapter.check_kinds(cfg.unit_kinds)
         self.device = next(self.model.parameters()).device
         self.seqlen = default_seqlen(self.model.config, cfg.seqlen)
 
@@ -67,6 +74,9 @@ class BaselineRun:
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.time()
         windows = calibration_windows(self.tokenizer, cfg.calib, cfg.calib_samples, self.seqlen, seed=cfg.seed)
+        if self._replace and self.out.exists():
+            shutil.rmtree(self.out)
+            self._replace = False
         block_before = self.adapter.block_parameters()
         total_before = sum(p.numel() for p in self.model.parameters())
         with make_progress() as progress:

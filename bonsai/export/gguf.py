@@ -33,6 +33,7 @@ import torch
 from bonsai.adapters import get_adapter
 from bonsai.adapters.base import ArchAdapter
 from bonsai.errors import BonsaiError
+from bonsai.io import disk_errors
 from bonsai.export import register_writer
 
 DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
@@ -344,15 +345,16 @@ def write_gguf(model, tokenizer, out: Path, dtype: str, source: str = "", allow_
         return w
 
     try:
-        with torch.no_grad():
-            sink = (_write_llama if model_type in LLAMA_LIKE else _write_phi)(factory, model, adapter, dtype, report)
-        writer = writers[0]
-        add_tokenizer(writer, tokenizer, model)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
+        with disk_errors(out):
+            with torch.no_grad():
+                sink = (_write_llama if model_type in LLAMA_LIKE else _write_phi)(factory, model, adapter, dtype, report)
+            writer = writers[0]
+            add_tokenizer(writer, tokenizer, model)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()

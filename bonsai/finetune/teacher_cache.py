@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from bonsai.finetune.distill import TopK, teacher_topk
-from bonsai.io import write_json_atomic
+from bonsai.io import DamagedFile, read_json, read_safetensors, write_json_atomic, write_safetensors_atomic
+from bonsai.progress import console
 
 SHARD_WINDOWS = 64
 CACHE_VERSION = 1
@@ -56,7 +55,7 @@ class TeacherCache:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.meta = json.loads((self.path / "meta.json").read_text())
+        self.meta = read_json(self.path / "meta.json")
         self._handles: dict[int, object] = {}
 
     @property
@@ -82,6 +81,31 @@ class TeacherCache:
         return TopK(torch.cat(parts["logprobs"]), torch.cat(parts["ids"]).long(), torch.cat(parts["tail"]))
 
 
+def _intact(path: Path, windows: int) -> bool:
+    """Whether a finished cache reads back whole. Damaged shards (truncated, corrupt, wrong size) are deleted
+    with a warning, and the caller rebuilds just those: a cache is only ever a copy of the teacher's output."""
+    try:
+        meta = read_json(path / "meta.json")
+    except DamagedFile:
+        (path / "meta.json").unlink()
+        return False
+    ok = bool(meta.get("complete"))
+    for s in range(-(-windows // SHARD_WINDOWS)):
+        shard = path / _shard_name(s)
+        rows = min(SHARD_WINDOWS, windows - s * SHARD_WINDOWS)
+        try:
+            tensors = read_safetensors(shard)
+            if any(t.shape[0] != rows for t in tensors.values()) or set(tensors) != {"logprobs", "ids", "tail"}:
+                raise DamagedFile(shard, "wrong contents")
+        except FileNotFoundError:
+            ok = False
+        except DamagedFile as exc:
+            console.print(f"[yellow]{exc}; recomputing that shard of the teacher cache", soft_wrap=True)
+            shard.unlink()
+            ok = False
+    return ok
+
+
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
@@ -93,7 +117,7 @@ def find_or_build(teacher: str, windows: torch.Tensor, k: int, root: Path, batch
     key = cache_key(identity, windows, k)
     path = Path(root) / f"teacher-{key}"
     meta_path = path / "meta.json"
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("complete"):
+    if meta_path.exists() and _intact(path, windows.shape[0]):
         cache = TeacherCache(path)
         return cache, {"path": str(path), "reused": True, "build_seconds": 0.0, "bytes": cache.bytes_on_disk, "k": k}
     start = time.time()
@@ -136,9 +160,7 @@ def _build(teacher: str, identity: dict, windows: torch.Tensor, k: int, path: Pa
             "ids": torch.cat([p.ids for p in parts]).to(id_dtype).contiguous(),
             "tail": torch.cat([p.tail for p in parts]).float().contiguous(),
         }
-        tmp = path / f".{_shard_name(s)}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path / _shard_name(s))
+        write_safetensors_atomic(path / _shard_name(s), tensors)
     meta["complete"] = True
     write_json_atomic(path / "meta.json", meta)
     del model

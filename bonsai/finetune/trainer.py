@@ -9,9 +9,9 @@ Order of work, chosen so that parent and student are never in memory together:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from bonsai.errors import BonsaiError
 from bonsai.eval.perplexity import window_nll
 from bonsai.finetune.config import FinetuneConfig
 from bonsai.finetune.distill import topk_kl
-from bonsai.io import write_json_atomic
+from bonsai.models.checks import check_finite
+from bonsai.io import DamagedFile, disk_errors, read_json, read_safetensors, write_json_atomic, write_safetensors_atomic
 from bonsai.progress import console, make_progress
 from bonsai.runtime import peak_memory
 
@@ -65,21 +65,22 @@ class FinetuneRun:
         self.state_dir = self.out / STATE_DIR
         self.trust_remote_code = trust_remote_code
         self.finished_report: dict | None = None
+        self._replace = False
         self.resuming = self._prepare_dir(force, resume)
 
     # ---- output folder ------------------------------------------------------------------------
     def _prepare_dir(self, force: bool, resume: bool) -> bool:
         if not self.out.exists():
             return False
-        if force:
-            shutil.rmtree(self.out)
+        if force:  # removed in run(), once the model, the tokenizer and the text have been checked
+            self._replace = True
             return False
         run_file = self.state_dir / "run.json"
         if run_file.exists():
             if not resume:
                 raise BonsaiError(f"{self.out} holds an unfinished finetune run; pass --resume to continue it "
                                   "or --force to replace it")
-            saved = json.loads(run_file.read_text())["fingerprint"]
+            saved = read_json(run_file, hint="pass --force to start over")["fingerprint"]
             if saved != self.cfg.fingerprint():
                 diff = sorted(k for k in set(saved) | set(self.cfg.fingerprint())
                               if saved.get(k) != self.cfg.fingerprint().get(k))
@@ -87,8 +88,8 @@ class FinetuneRun:
                                   "pass --force to replace it")
             return True
         report = self.out / "report.json"
-        if resume and report.exists() and json.loads(report.read_text()).get("kind") == "finetune":
-            self.finished_report = json.loads(report.read_text())
+        if resume and report.exists() and read_json(report).get("kind") == "finetune":
+            self.finished_report = read_json(report)
             return True
         raise BonsaiError(f"output folder {self.out} already exists; pass --force to replace it")
 
@@ -110,6 +111,8 @@ class FinetuneRun:
         if distill:
             check_same_vocabulary(cfg.model, cfg.teacher, self.trust_remote_code)
         train, held, where = finetune_windows(tokenizer, cfg.data, cfg.seqlen, cfg.samples, cfg.eval_windows, cfg.seed)
+        if self._replace and self.out.exists():
+            shutil.rmtree(self.out)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.state_dir / "run.json", {"fingerprint": cfg.fingerprint()})
         with make_progress() as progress:
@@ -145,6 +148,7 @@ class FinetuneRun:
         if cfg.full and device.type == "cuda":
             dtype = torch.float32  # full finetuning keeps fp32 master weights; autocast does the half precision
         model = load_model(cfg.model, dtype=dtype, device=str(device), trust_remote_code=self.trust_remote_code)
+        check_finite(model, cfg.model)
         adapter = get_adapter(model)
         return model, adapter, ckpt_dtype or dtype, dtype
 
@@ -285,17 +289,26 @@ class FinetuneRun:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         weights = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(weights, str(tmp / "trainable.safetensors"))
+        write_safetensors_atomic(tmp / "trainable.safetensors", weights)
         extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             extra["cuda_rng"] = torch.cuda.get_rng_state_all()
-        torch.save(extra, tmp / "optimizer.pt")
+        with disk_errors(tmp / "optimizer.pt"):
+            torch.save(extra, tmp / "optimizer.pt")
         write_json_atomic(tmp / "state.json", state)
         atomic_replace(tmp, self.state_dir / "checkpoint")
 
     def _load_checkpoint(self, model, optimizer, scheduler) -> dict:
         ckpt = self.state_dir / "checkpoint"
-        weights = load_file(str(ckpt / "trainable.safetensors"))
+        hint = f"delete {ckpt} to train again from step 0 (the teacher cache is kept) or pass --force"
+        try:
+            weights = read_safetensors(ckpt / "trainable.safetensors", hint=hint)
+            extra = torch.load(ckpt / "optimizer.pt", weights_only=True)
+            state = read_json(ckpt / "state.json", hint=hint)
+        except FileNotFoundError as exc:
+            raise DamagedFile(exc.filename or ckpt, "missing", hint) from None
+        except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as exc:
+            raise DamagedFile(ckpt / "optimizer.pt", " ".join(str(exc).split())[:120] or type(exc).__name__, hint) from None
         params = dict(model.named_parameters())
         missing = set(weights) ^ {n for n, p in params.items() if p.requires_grad}
         if missing:
@@ -303,13 +316,12 @@ class FinetuneRun:
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value)
-        extra = torch.load(ckpt / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(extra["optimizer"])
         scheduler.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng"])
         if "cuda_rng" in extra and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(extra["cuda_rng"])
-        return json.loads((ckpt / "state.json").read_text())
+        return state
 
     # ---- output ----------------------------------------------------------------------------------
     def _finish(self, report: dict) -> dict:

@@ -1,4 +1,5 @@
-"""Short names for the paper's models and the shipped tiny model."""
+"""Short names for the paper's models, the common 2024-25 checkpoints of the supported families, and the shipped
+tiny model."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ MODEL_ALIASES: dict[str, str] = {
     "mistral-7b": "mistralai/Mistral-7B-v0.1",
     "phi-2": "microsoft/phi-2",
     "qwen2-7b": "Qwen/Qwen2-7B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "gemma-7b": "google/gemma-7b",
+    "gemma-2-9b": "google/gemma-2-9b",
+    "gemma-3-1b": "google/gemma-3-1b-pt",  # text-only (gemma3_text); the larger Gemma-3 are multimodal
+    "granite-3-8b": "ibm-granite/granite-3.0-8b-base",
+    "olmo-2-7b": "allenai/OLMo-2-1124-7B",
 }
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from bonsai.errors import BonsaiError
+from bonsai.io import read_json
 from bonsai.models.aliases import resolve_model_name
 from bonsai.models.plan import PLAN_KEY, apply_plan
 from bonsai.runtime import hub_reachable, resolve_device, resolve_dtype
@@ -43,6 +44,7 @@ def locate_model(name: str) -> tuple[str, dict[str, Any]]:
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
             raise BonsaiError(f"{resolved} is not a model folder (no config.json)")
+        _check_json_files(path)
         return str(path), {}
     if not _HUB_ID.match(resolved):
         raise BonsaiError(f"model path not found: {resolved}")
@@ -59,6 +61,19 @@ def locate_model(name: str) -> tuple[str, dict[str, Any]]:
             "download it elsewhere and pass its folder with --model PATH"
         )
     return resolved, {}
+
+
+# The small JSON files of a model folder: a truncated one is named before transformers reads it (its own
+# errors blame the wrong file, e.g. "no tokenizer" for a damaged config.json).
+MODEL_JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "generation_config.json", "model.safetensors.index.json")
+REDOWNLOAD = "re-download or re-create the model"
+
+
+def _check_json_files(path: Path) -> None:
+    for name in MODEL_JSON_FILES:
+        if (path / name).exists():
+            read_json(path / name, hint=REDOWNLOAD)
 
 
 def load_config(name: str, trust_remote_code: bool = False):
@@ -90,6 +105,7 @@ def load_model(
     otherwise the whole model goes to `device`.
     """
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     config, location, kwargs = load_config(name, trust_remote_code)
@@ -111,8 +127,8 @@ def load_model(
         model = cls.from_pretrained(location, **load_kwargs)
     except ValueError as exc:
         raise BonsaiError(f"cannot load {name} as a causal language model: {_first_line(exc)}") from None
-    except OSError as exc:
-        raise BonsaiError(f"cannot load the weights of {name}: {_first_line(exc)}") from None
+    except (OSError, SafetensorError) as exc:
+        raise BonsaiError(f"cannot load the weights of {name} ({_first_line(exc)}): {REDOWNLOAD}") from None
     if device_map is None:
         model.to(target)
     adapter_dir = Path(location) / ADAPTER_DIR

@@ -12,6 +12,7 @@ from torch import nn
 from bonsai.adapters import get_adapter
 from bonsai.adapters.base import ArchAdapter
 from bonsai.errors import BonsaiError
+from bonsai.io import disk_errors
 from bonsai.models import plan as plan_module
 from bonsai.models.plan import EMPTY_ATTENTION_ATTR, PLAN_KEY, PLAN_VERSION
 
@@ -142,18 +143,19 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, overwrite: boo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if plan:
-            (tmp / MODELING_FILE).write_text(modeling_source(adapter.causal_lm_class))
-        for name, src in (extra_files or {}).items():
-            src = Path(src)
-            if src.is_dir():
-                shutil.copytree(src, tmp / name)
-            elif src.exists():
-                shutil.copy2(src, tmp / name)
-        atomic_replace(tmp, out)
+        with disk_errors(out):
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if plan:
+                (tmp / MODELING_FILE).write_text(modeling_source(adapter.causal_lm_class))
+            for name, src in (extra_files or {}).items():
+                src = Path(src)
+                if src.is_dir():
+                    shutil.copytree(src, tmp / name)
+                elif src.exists():
+                    shutil.copy2(src, tmp / name)
+            atomic_replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

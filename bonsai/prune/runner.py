@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bonsai.adapters import GroupKey, get_adapter
+from bonsai.adapters import KINDS, GroupKey, get_adapter
 from bonsai.adapters.base import ArchAdapter
 from bonsai.distributed import Dist
 from bonsai.errors import BonsaiError
@@ -46,6 +46,7 @@ class Budget:
     target_removed: float
     step: float
     iterations: int
+    unit_p_iter: float  # the share of each group's units one iteration may need (the candidate pool is twice it)
 
 
 def plan_budget(adapter: ArchAdapter, groups: list[GroupKey], cfg: PruneConfig) -> Budget:
@@ -60,7 +61,10 @@ def plan_budget(adapter: ArchAdapter, groups: list[GroupKey], cfg: PruneConfig) 
         )
     # Algorithm 1 runs ceil(p / p_iter) iterations; equal steps make the last one end at the target.
     iterations = max(1, math.ceil(cfg.sparsity / cfg.p_iter - 1e-9))
-    return Budget(block, total, prunable, target, target / iterations, iterations)
+    # p_iter is a share of the block's parameters; when only some kinds of units may go (--units mlp, or a family
+    # whose heads cannot be sliced), each iteration must take a larger share of those units to reach it
+    unit_p_iter = cfg.p_iter if set(KINDS) <= {k.kind for k in groups} else min(0.5, cfg.p_iter * block / prunable)
+    return Budget(block, total, prunable, target, target / iterations, iterations, unit_p_iter)
 
 
 def _rng(seed: int, iteration: int, stream: int) -> np.random.Generator:
@@ -74,20 +78,25 @@ class PruneRun:
         self.out = Path(out_dir)
         self.store = StateStore(self.out)
         self.dist = Dist()
+        self._replace = False
         if dry_run:
             self.resuming = False
         else:
             self._prepare_dir(force)
         from bonsai.eval.runner import default_seqlen
+        from bonsai.models.checks import check_finite
         from bonsai.models.loading import load_model, load_tokenizer
 
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
         self.model = model if model is not None else load_model(cfg.model, dtype=cfg.dtype,
                                                                  device=self.dist.device(cfg.device),
                                                                  device_map=cfg.device_map)
+        if model is None:
+            check_finite(self.model, cfg.model)
         self.adapter = get_adapter(self.model)
         self.device = next(self.model.parameters()).device
         self.seqlen = default_seqlen(self.model.config, cfg.seqlen)
+        self.adapter.check_kinds(cfg.unit_kinds)
         self.groups = self.adapter.groups(cfg.unit_kinds)
         self.budget = plan_budget(self.adapter, self.groups, cfg)
         self.evals_this_process = 0
@@ -102,11 +111,8 @@ class PruneRun:
         if not self.out.exists():
             self.resuming = False
             return
-        if force:
-            self.dist.barrier()  # every process has looked before the folder goes
-            if self.dist.is_main:
-                shutil.rmtree(self.out)
-            self.dist.barrier()
+        if force:  # removed only once the model and the text have been checked (`_clear_replaced`)
+            self._replace = True
             self.resuming = False
             return
         if not self.store.exists():
@@ -118,6 +124,16 @@ class PruneRun:
             raise BonsaiError(f"{self.out} holds a run with other settings ({', '.join(diff)}); "
                               "pass --force to replace it or choose another --out")
         self.resuming = True
+
+    def _clear_replaced(self) -> None:
+        """`--force`: remove the old folder, now that nothing can fail before the new run writes."""
+        if not self._replace:
+            return
+        self.dist.barrier()  # every process has looked before the folder goes
+        if self.dist.is_main and self.out.exists():
+            shutil.rmtree(self.out)
+        self.dist.barrier()
+        self._replace = False
 
     def _initial_state(self) -> RunState:
         if self.resuming:
@@ -141,9 +157,13 @@ class PruneRun:
             kept = state.kept[str(key)]
             if len(kept) != self.adapter.group_size(key):
                 self.adapter.slice(key, torch.tensor(kept, dtype=torch.long))
-        if not state.refit or state.finished:  # a finished run's weights are in the saved model
+        if not state.refit or (state.finished and self._saved()):  # a saved run's weights are in its model
             return
         self._install_refit(self.store.load_weights(state.refit))
+
+    def _saved(self) -> bool:
+        """Whether the finished model was written (the save renames a complete folder into place)."""
+        return (self.out / "config.json").exists() and any(self.out.glob("*.safetensors"))
 
     def _install_refit(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy refit output projections (from `_refit_tensors`) into the sliced model."""
@@ -165,10 +185,20 @@ class PruneRun:
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
+        if not self.resuming:
+            self._windows(0)  # text too short for a window, or unreachable: refused before anything is written
+        self._clear_replaced()
         state = self._initial_state()
-        if state.finished:
+        if state.finished and self._saved():
             console.print(f"{self.out} already holds the finished run; nothing to do")
             return self._report(state)
+        if state.finished:  # killed while saving: the state and the refit weights are all it takes
+            console.print(f"{self.out}: the run finished but its save was interrupted; saving again")
+            report = self._finish(state) if self.dist.is_main else self._report(state)
+            if self.dist.is_main:
+                self.store.prune_weights(keep=None)
+            self.dist.barrier()
+            return report
         if self.dist.is_main and not self.resuming:
             cost = self.estimate()
             console.print(cost.line())
@@ -195,9 +225,9 @@ class PruneRun:
             progress.update(it_task, completed=b.iterations)
         state.finished = True
         self._save(state)
-        if self.dist.is_main:
-            self.store.prune_weights(keep=None)  # the finished model holds them
         report = self._finish(state) if self.dist.is_main else self._report(state)
+        if self.dist.is_main:
+            self.store.prune_weights(keep=None)  # the saved model holds them now
         self.dist.barrier()
         return report
 
@@ -274,7 +304,7 @@ class PruneRun:
 
         def candidate_columns(key: GroupKey, errors: torch.Tensor) -> torch.Tensor:
             score = errors.numpy() if cfg.prior in NEEDS_GRAM else priors[key]
-            cand = torch.from_numpy(candidate_units(score, cfg.p_iter))
+            cand = torch.from_numpy(candidate_units(score, self.budget.unit_p_iter))
             width = self.adapter.unit_width(key)
             return (cand[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
 
@@ -295,7 +325,7 @@ class PruneRun:
             errors, self._compensation = self._gram_pass(self._recon_windows(t), priors)
             if cfg.prior in NEEDS_GRAM:
                 priors = dict(errors)
-        candidates = {str(k): candidate_units(priors[k], cfg.p_iter) for k in self.groups}
+        candidates = {str(k): candidate_units(priors[k], self.budget.unit_p_iter) for k in self.groups}
         cand_priors = [priors[k][candidates[str(k)]] for k in self.groups if len(candidates[str(k)])]
         total = sum(len(c) for c in cand_priors)
         n = cfg.samples if self._evaluates() else 0

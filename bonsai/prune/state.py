@@ -8,18 +8,17 @@ sampled masks and the utilities evaluated so far.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from bonsai.io import write_json_atomic
+from bonsai.io import DamagedFile, read_json, read_safetensors, write_json_atomic, write_safetensors_atomic
+from bonsai.progress import console
 
 STATE_DIR = ".bonsai"
+RESTART_HINT = "pass --force to start the run over"
 
 
 @dataclass
@@ -95,14 +94,14 @@ class StateStore:
     def save_weights(self, tensors: dict[str, torch.Tensor], name: str) -> None:
         """Refit output projections, written before state.json names them (so a crash between the two
         leaves the previous iteration's state and file intact)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / name
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        write_safetensors_atomic(self.dir / name, tensors)
 
     def load_weights(self, name: str) -> dict[str, torch.Tensor]:
-        return load_file(str(self.dir / name))
+        """The refit projections a resumed run rebuilds the model from: without them the run cannot go on."""
+        try:
+            return read_safetensors(self.dir / name, hint=RESTART_HINT)
+        except FileNotFoundError:
+            raise DamagedFile(self.dir / name, "missing", RESTART_HINT) from None
 
     def prune_weights(self, keep: str | None) -> None:
         """Delete every refit-weights file but `keep`."""
@@ -114,22 +113,34 @@ class StateStore:
         return self.state_file.exists()
 
     def load(self) -> RunState:
-        return RunState(**json.loads(self.state_file.read_text()))
+        """The run's state; a damaged file is refused (what it recorded cannot be recomputed)."""
+        data = read_json(self.state_file, hint=RESTART_HINT)
+        try:
+            state = RunState(**data)
+            assert isinstance(state.fingerprint, dict) and isinstance(state.kept, dict)
+        except (TypeError, AssertionError):
+            raise DamagedFile(self.state_file, "not a bonsai run state", RESTART_HINT) from None
+        return state
 
     def save(self, state: RunState) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.state_file, state.to_dict())
 
     def save_iteration(self, it: IterationState) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.iteration_file.with_suffix(".tmp")
-        save_file(it.tensors(), str(tmp))
-        os.replace(tmp, self.iteration_file)
+        write_safetensors_atomic(self.iteration_file, it.tensors())
 
     def load_iteration(self, iteration: int) -> IterationState | None:
+        """The iteration in progress, or None to start it afresh. A damaged file only holds sub-model
+        utilities that can be evaluated again, so it is discarded (with a warning), not fatal."""
         if not self.iteration_file.exists():
             return None
-        it = IterationState.from_tensors(load_file(str(self.iteration_file)))
+        try:
+            it = IterationState.from_tensors(read_safetensors(self.iteration_file))
+        except (DamagedFile, KeyError, IndexError, ValueError) as exc:
+            console.print(f"[yellow]discarding {self.iteration_file} ({exc if isinstance(exc, DamagedFile) else 'incomplete'});"
+                          " its sub-models are evaluated again", soft_wrap=True)
+            self.iteration_file.unlink(missing_ok=True)
+            return None
         return it if it.iteration == iteration else None
 
     def clear_iteration(self) -> None:

@@ -20,7 +20,8 @@ def random_masks(adapter, seed):
         mask = torch.zeros(n)
         mask[torch.randperm(n, generator=g)[:keep_count]] = 1
         masks[key] = mask
-    masks[GroupKey(1, ATTENTION)] = torch.zeros(adapter.group_size(GroupKey(1, ATTENTION)))  # a layer loses all heads
+    if ATTENTION not in adapter.unprunable:
+        masks[GroupKey(1, ATTENTION)] = torch.zeros(adapter.group_size(GroupKey(1, ATTENTION)))  # a layer loses all heads
     return masks
 
 
@@ -101,6 +102,34 @@ def test_gqa_unit_is_a_kv_group():
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.out_features == 4 * 8 and attn.k_proj.out_features == 8
     assert attn.num_key_value_groups == 4
+
+
+def test_heads_that_cannot_be_sliced_exactly_are_refused():
+    """OLMo-2's q/k norm spans all heads: slicing a head changes the others, so attention is refused."""
+    model = tiny_model("olmo2", "eager")
+    adapter = get_adapter(model)
+    assert {k.kind for k in adapter.groups()} == {"mlp"}
+    with pytest.raises(BonsaiError, match="--units mlp"):
+        adapter.check_kinds(("attention", "mlp"))
+    adapter.check_kinds(("mlp",))
+    # the reason is real: zeroing a head's output is not the same function as removing its rows
+    ids = torch.randint(0, 97, (1, 12))
+    attn = adapter.attention(0)
+    with torch.no_grad():
+        masked_model = tiny_model("olmo2", "eager")
+        with UnitMasks(get_adapter(masked_model), groups=[GroupKey(0, ATTENTION)]) as um:
+            um.set({GroupKey(0, ATTENTION): torch.tensor([1.0, 1.0, 1.0, 0.0])})
+            masked = masked_model(ids).logits
+        keep = torch.arange(3)
+        from bonsai.adapters.base import _expand, _slice_linear
+
+        for lin in (attn.q, attn.k, attn.v):
+            _slice_linear(lin, _expand(keep, attn.head_dim), 0)
+        _slice_linear(attn.out, _expand(keep, attn.head_dim), 1)
+        attn.module.q_norm.weight.data = attn.module.q_norm.weight.data[: 3 * attn.head_dim]
+        attn.module.k_norm.weight.data = attn.module.k_norm.weight.data[: 3 * attn.head_dim]
+        attn.module.config.num_attention_heads = attn.module.config.num_key_value_heads = 3
+        assert not torch.allclose(model(ids).logits, masked, atol=1e-4)
 
 
 def test_unsupported_architecture():

@@ -1,0 +1,16 @@
+"""Granite 3.x: LLaMA blocks with embedding, residual, attention and logits multipliers.
+
+The multipliers are scalars from the config (attention's is its score scaling), applied outside the
+projections, so slicing units and refitting output projections are unchanged.
+"""
+
+from __future__ import annotations
+
+from bonsai.adapters.llama import LlamaAdapter
+from bonsai.adapters.registry import register_adapter
+
+
+@register_adapter
+class GraniteAdapter(LlamaAdapter):
+    model_types = ("granite",)
+    causal_lm_class = "GraniteForCausalLM"

@@ -507,6 +507,10 @@ def _print_prune(report: dict, out: Path) -> None:
     console.print(f"block sparsity {t['sparsity']:.4f} (target {t['target_sparsity']}), "
                   f"all parameters {t['params_before']:,} -> {t['params_after']:,}, "
                   f"{t['wall_seconds']:.0f}s, peak memory {t['peak_memory_bytes'] / 2**20:.0f} MiB")
+    for e in report.get("emptied_groups", []):
+        evidence = (f": probe cost {e['probe_increase']:.3g} against a median of {e['median_probe_increase']:.3g}"
+                    if "probe_increase" in e else "")
+        console.print(f"group {e['group']} emptied in iteration {e['iteration']} ({e['units_before']} units){evidence}")
 
 
 def _print_estimate(run, cfg) -> None:

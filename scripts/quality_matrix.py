@@ -164,17 +164,20 @@ def main() -> None:
     p.add_argument("--tasks", action="store_true", help="also the lm-eval cloze accuracy")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
     p.add_argument("--report", type=Path, default=None, help="write the markdown table here too")
+    p.add_argument("--report-only", action="store_true", help="only print the table of what results.jsonl holds")
     args = p.parse_args()
     models = args.models.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.jsonl"
     results = load_results(results_path)
     extra = args.extra.split()
-    for model in models:
+    if args.report_only:
+        args.variants, models = "", [m for m in MODELS if m in models]
+    for model in models if args.variants else []:
         if not (ROOT / MODELS[model]["path"] / "config.json").exists():
             print(f"building {model}: {' '.join(MODELS[model]['fetch'])}", flush=True)
             subprocess.run([sys.executable, *MODELS[model]["fetch"]], check=True, cwd=ROOT)
-    for model in models:
+    for model in models if args.variants else []:
         for sp in (float(x) for x in args.sparsities.split(",")):
             for recon in args.reconstruct.split(","):
                 for variant in args.variants.split(","):

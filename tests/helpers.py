@@ -43,6 +43,12 @@ def tiny_config(family: str, attn: str = "eager", **overrides):
         cfg = transformers.GraniteConfig(num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=6.0,
                                          residual_multiplier=0.3, attention_multiplier=0.2, logits_scaling=4.0,
                                          **common)
+    elif family == "phi3":  # fused qkv_proj and gate_up_proj, GQA, LongRoPE (long factors past 16 positions)
+        longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+                    "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.2 * i for i in range(8)]}
+        cfg = transformers.Phi3Config(num_attention_heads=4, num_key_value_heads=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                      original_max_position_embeddings=16, rope_parameters=longrope, **common)
     elif family == "olmo2":
         cfg = transformers.Olmo2Config(num_attention_heads=4, num_key_value_heads=4, **common)
     else:
@@ -67,6 +73,6 @@ def tiny_model(family: str, attn: str = "eager", seed: int = 0, **overrides):
     return model.eval()
 
 
-FAMILIES = ["llama", "llama-gqa", "mistral", "qwen2", "phi", "qwen3", "gemma", "gemma2", "gemma3", "granite", "olmo2"]
+FAMILIES = ["llama", "llama-gqa", "mistral", "qwen2", "phi", "qwen3", "gemma", "gemma2", "gemma3", "granite", "olmo2", "phi3"]
 # families whose attention heads cannot be removed exactly (MLP channels only)
 MLP_ONLY = {"olmo2"}

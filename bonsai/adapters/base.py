@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
-from bonsai.models.plan import EMPTY_ATTENTION_ATTR, empty_attention_forward
+from bonsai.models.plan import EMPTY_ATTENTION_ATTR, empty_attention_forward, set_module_attribute
 
 ATTENTION = "attention"
 MLP = "mlp"
@@ -33,10 +33,18 @@ class AttentionSpec:
     out_name: str
     head_dim: int
     queries_per_kv: int
+    #: fused q/k/v in one linear (Phi-3): where the k and v rows start, and the units (not readable off k's rows)
+    k_start: int = 0
+    v_start: int = 0
+    kv_units: int | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.q is self.k
 
     @property
     def units(self) -> int:
-        return self.k.out_features // self.head_dim
+        return self.kv_units if self.kv_units is not None else self.k.out_features // self.head_dim
 
     @property
     def unit_width(self) -> int:
@@ -51,12 +59,28 @@ class MlpSpec:
     module: nn.Module
     inputs: list[nn.Linear]
     out: nn.Linear
+    #: equal row segments per input linear, one row of each per channel (Phi-3's fused gate_up_proj: 2)
+    segments: int = 1
 
     @property
     def units(self) -> int:
         return self.out.in_features
 
     unit_width: int = 1
+
+
+class UnitSlice(NamedTuple):
+    """Part of a weight that a group's units own: along `dim`, from `start`, `length` slices, each unit
+    `width` consecutive ones (a fused weight holds several such parts)."""
+    weight: torch.Tensor
+    dim: int
+    width: int
+    start: int
+    length: int
+
+    def part(self, t: torch.Tensor) -> torch.Tensor:
+        """The same part of `t` (the weight itself, or a tensor of its shape such as its gradient)."""
+        return t.narrow(self.dim, self.start, self.length)
 
 
 @dataclass(frozen=True)
@@ -165,19 +189,21 @@ class ArchAdapter(ABC):
                 + s.head_dim * (_linear_params(s.k, rows=True) + _linear_params(s.v, rows=True))
                 + q_rows * _linear_params(s.out, rows=False)
             )
-        return sum(_linear_params(lin, rows=True) for lin in s.inputs) + _linear_params(s.out, rows=False)
+        return s.segments * sum(_linear_params(lin, rows=True) for lin in s.inputs) + _linear_params(s.out, rows=False)
 
-    def unit_weights(self, key: GroupKey) -> list[tuple[torch.Tensor, int, int]]:
-        """(weight, dim, width) triples: along `dim`, each unit owns `width` consecutive slices."""
+    def unit_weights(self, key: GroupKey) -> list[UnitSlice]:
+        """Every part of a weight the group's units own (priors and LLM-Pruner's gradient scores read them)."""
         s = self.spec(key)
+        n = s.units
         if isinstance(s, AttentionSpec):
             return [
-                (s.q.weight, 0, s.unit_width),
-                (s.k.weight, 0, s.head_dim),
-                (s.v.weight, 0, s.head_dim),
-                (s.out.weight, 1, s.unit_width),
+                UnitSlice(s.q.weight, 0, s.unit_width, 0, n * s.unit_width),
+                UnitSlice(s.k.weight, 0, s.head_dim, s.k_start, n * s.head_dim),
+                UnitSlice(s.v.weight, 0, s.head_dim, s.v_start, n * s.head_dim),
+                UnitSlice(s.out.weight, 1, s.unit_width, 0, n * s.unit_width),
             ]
-        return [(lin.weight, 0, 1) for lin in s.inputs] + [(s.out.weight, 1, 1)]
+        return ([UnitSlice(lin.weight, 0, 1, j * n, n) for lin in s.inputs for j in range(s.segments)]
+                + [UnitSlice(s.out.weight, 1, 1, 0, n)])
 
     def block_parameters(self) -> int:
         """Parameters inside the decoder blocks (embeddings and the LM head excluded)."""
@@ -213,18 +239,24 @@ class ArchAdapter(ABC):
         if isinstance(s, AttentionSpec):
             q_index = _expand(keep, s.unit_width)
             kv_index = _expand(keep, s.head_dim)
-            _slice_linear(s.q, q_index, 0)
-            _slice_linear(s.k, kv_index, 0)
-            _slice_linear(s.v, kv_index, 0)
+            if s.fused:  # one linear: its q, k and v row blocks shrink together
+                _slice_linear(s.q, torch.cat([q_index, s.k_start + kv_index, s.v_start + kv_index]), 0)
+            else:
+                _slice_linear(s.q, q_index, 0)
+                _slice_linear(s.k, kv_index, 0)
+                _slice_linear(s.v, kv_index, 0)
             _slice_linear(s.out, q_index, 1)
+            s.kv_units = len(keep) if s.kv_units is not None else None
             for name, value in self.attention_attributes(s).items():
-                setattr(s.module, name, value)
+                set_module_attribute(s.module, name, value)
             if len(keep) == 0:
                 setattr(s.module, EMPTY_ATTENTION_ATTR, s.out_name)
                 s.module.forward = empty_attention_forward.__get__(s.module)
         else:
+            n = s.units
+            rows = torch.cat([j * n + keep for j in range(s.segments)])
             for lin in s.inputs:
-                _slice_linear(lin, keep, 0)
+                _slice_linear(lin, rows, 0)
             _slice_linear(s.out, keep, 1)
 
 

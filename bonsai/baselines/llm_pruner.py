@@ -113,7 +113,7 @@ def group_importance(model, adapter: ArchAdapter, keys: list[GroupKey], windows:
     empty = [key for key in keys if adapter.group_size(key) == 0]  # emptied earlier: nothing to score or slice
     keys = [key for key in keys if adapter.group_size(key) > 0]
     triples = {key: adapter.unit_weights(key) for key in keys}
-    weights = list({id(w): w for ts in triples.values() for w, _, _ in ts}.values())
+    weights = list({id(u.weight): u.weight for ts in triples.values() for u in ts}.values())
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -128,8 +128,9 @@ def group_importance(model, adapter: ArchAdapter, keys: list[GroupKey], windows:
     out = {}
     with torch.no_grad():
         for key, ts in triples.items():
-            per = [structure_scores(w, grads[index[id(w)]], None if fisher is None else fisher[index[id(w)]],
-                                    dim, width, importance) for w, dim, width in ts]
+            per = [structure_scores(u.part(u.weight), u.part(grads[index[id(u.weight)]]),
+                                    None if fisher is None else u.part(fisher[index[id(u.weight)]]),
+                                    u.dim, u.width, importance) for u in ts]
             out[key] = aggregate(per, aggregation).cpu().numpy().astype(np.float64)
     out.update({key: np.zeros(0) for key in empty})
     return out

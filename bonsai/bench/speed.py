@@ -29,7 +29,7 @@ def forward_flops_per_token(model, seqlen: int) -> float:
     flops = 2.0 * adapter.block_parameters() + 2.0 * model.get_output_embeddings().weight.numel()
     for i in range(adapter.num_layers):
         att = adapter.attention(i)
-        flops += 4.0 * seqlen * att.q.out_features
+        flops += 4.0 * seqlen * att.units * att.unit_width  # query rows (qkv_proj may be fused)
     return flops
 
 

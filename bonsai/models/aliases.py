@@ -23,6 +23,7 @@ MODEL_ALIASES: dict[str, str] = {
     "gemma-3-1b": "google/gemma-3-1b-pt",  # text-only (gemma3_text); the larger Gemma-3 are multimodal
     "granite-3-8b": "ibm-granite/granite-3.0-8b-base",
     "olmo-2-7b": "allenai/OLMo-2-1124-7B",
+    "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
 }
 
 

@@ -12,6 +12,8 @@ modules lost every unit (they then only add their output bias to the residual st
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -45,6 +47,21 @@ def _resize_linear(lin: nn.Linear, in_features: int, out_features: int, bias: bo
     lin.in_features, lin.out_features = in_features, out_features
 
 
+PRIVATE_CONFIG_ATTR = "_bonsai_private_config"
+
+
+def set_module_attribute(module: nn.Module, name: str, value) -> None:
+    """`setattr`, where "config.X" sets X on a per-module copy of the shared config (Phi-3's attention reads
+    its head count from `self.config`, which all layers share)."""
+    if name.startswith("config."):
+        if not getattr(module, PRIVATE_CONFIG_ATTR, False):
+            module.config = copy.copy(module.config)
+            setattr(module, PRIVATE_CONFIG_ATTR, True)
+        setattr(module.config, name[len("config."):], value)
+    else:
+        setattr(module, name, value)
+
+
 def apply_plan(model: nn.Module, plan: dict) -> None:
     """Give `model` (built from the parent's config) the shapes and attributes recorded in `plan`."""
     if int(plan.get("version", 0)) > PLAN_VERSION:
@@ -55,7 +72,7 @@ def apply_plan(model: nn.Module, plan: dict) -> None:
     for path, attrs in plan.get("attributes", {}).items():
         module = model.get_submodule(path)
         for name, value in attrs.items():
-            setattr(module, name, value)
+            set_module_attribute(module, name, value)
     for path, out_name in plan.get("empty_attention", {}).items():
         module = model.get_submodule(path)
         setattr(module, EMPTY_ATTENTION_ATTR, out_name)

@@ -87,8 +87,9 @@ def activation_prior(adapter: ArchAdapter, key: GroupKey, sq: torch.Tensor, absu
 def magnitude_prior(adapter: ArchAdapter, key: GroupKey, sq=None, absum=None, tokens: int = 0) -> torch.Tensor:
     """Mean |w| over every weight the unit owns (input rows and output columns)."""
     total, count = None, 0
-    for weight, dim, width in adapter.unit_weights(key):
-        w = weight.detach().float().abs()
+    for u in adapter.unit_weights(key):
+        dim, width = u.dim, u.width
+        w = u.part(u.weight).detach().float().abs()
         w = w if dim == 0 else w.t()
         per_unit = w.reshape(-1, width * w.shape[1]).sum(1).cpu()
         total = per_unit if total is None else total + per_unit

@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ class Budget:
     step: float
     iterations: int
     unit_p_iter: float  # the share of each group's units one iteration may need (the candidate pool is twice it)
+    initial_units: dict[str, int] = field(default_factory=dict)  # the parent's units per group
 
 
 def plan_budget(adapter: ArchAdapter, groups: list[GroupKey], cfg: PruneConfig) -> Budget:
@@ -64,7 +65,27 @@ def plan_budget(adapter: ArchAdapter, groups: list[GroupKey], cfg: PruneConfig) 
     # p_iter is a share of the block's parameters; when only some kinds of units may go (--units mlp, or a family
     # whose heads cannot be sliced), each iteration must take a larger share of those units to reach it
     unit_p_iter = cfg.p_iter if set(KINDS) <= {k.kind for k in groups} else min(0.5, cfg.p_iter * block / prunable)
-    return Budget(block, total, prunable, target, target / iterations, iterations, unit_p_iter)
+    return Budget(block, total, prunable, target, target / iterations, iterations, unit_p_iter,
+                  {str(k): adapter.group_size(k) for k in groups})
+
+
+def emptied_groups(history: list[dict], initial: dict[str, int]) -> list[dict]:
+    """Groups this run took to zero units, with the evidence: the group's measured probe cost in that iteration
+    beside the median over all groups (a layer should lose everything only when removing it costs little)."""
+    out, before = [], dict(initial)
+    for rec in history:
+        sizes = {f"{i}.attention": n for i, n in enumerate(rec["attention_units"])}
+        sizes |= {f"{i}.mlp": n for i, n in enumerate(rec["mlp_units"])}
+        probes = rec.get("probe_increase") or {}
+        for group, n in sizes.items():
+            if n == 0 and before.get(group, 0) > 0:
+                entry = {"group": group, "iteration": rec["iteration"], "units_before": before[group]}
+                if group in probes:
+                    entry["probe_increase"] = probes[group]
+                    entry["median_probe_increase"] = float(np.median(list(probes.values())))
+                out.append(entry)
+        before = sizes
+    return out
 
 
 def _rng(seed: int, iteration: int, stream: int) -> np.random.Generator:
@@ -518,6 +539,7 @@ class PruneRun:
                 "peak_memory_bytes": peak_memory(self.device),
             },
             "kept_units": state.kept,
+            "emptied_groups": emptied_groups(state.history, b.initial_units),
         }
 
     def _finish(self, state: RunState) -> dict:

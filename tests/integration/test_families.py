@@ -1,4 +1,4 @@
-"""The 2025-era families (Qwen3, Gemma 1/2/3, Granite, OLMo-2) end to end: `bonsai prune` and the baselines on
+"""The 2025-era families (Qwen3, Gemma 1/2/3, Granite, OLMo-2, Phi-3) end to end: `bonsai prune` and the baselines on
 tiny random checkpoints, reloaded with bonsai's loader and with stock transformers."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from bonsai.prune.runner import PruneRun
 
 pytestmark = pytest.mark.integration
 
-NEW_FAMILIES = ["qwen3", "gemma", "gemma2", "gemma3", "granite", "olmo2"]
+NEW_FAMILIES = ["qwen3", "gemma", "gemma2", "gemma3", "granite", "olmo2", "phi3"]
 FAST = dict(calib="kjv", seqlen=32, calib_samples=4, batch_size=8, reconstruct_samples=4)
 
 

@@ -263,6 +263,14 @@ def test_layers_emptied_and_pruned_further(tmp_path, random_checkpoints, selecti
         run = PruneRun(cfg, tmp_path / f"{selection}-{prior}", tokenizer=tok)
         report = run.run()
         assert len(report["iterations"]) >= 3 and report["totals"]["sparsity"] > 0.3
+        # groups this run emptied are reported with their evidence; the parent's empty ones are not
+        emptied = {e["group"] for e in report["emptied_groups"]}
+        last = report["iterations"][-1]
+        zero = {f"{i}.attention" for i, n in enumerate(last["attention_units"]) if n == 0}
+        zero |= {f"{i}.mlp" for i, n in enumerate(last["mlp_units"]) if n == 0}
+        assert emptied == zero - {"1.attention", "2.mlp"}
+        if selection == "probe":
+            assert all("probe_increase" in e for e in report["emptied_groups"])
         reloaded = load_model(str(tmp_path / f"{selection}-{prior}"), device="cpu")
         ids = torch.randint(0, 4000, (2, 16))
         with torch.no_grad():

@@ -21,7 +21,7 @@ def _by_hand(model, windows, importance, aggregation):
     """Explicit loops over units and structures with one autograd call on the whole calibration batch."""
     adapter = get_adapter(model)
     keys = adapter.groups()
-    params = {id(w): w for k in keys for w, _, _ in adapter.unit_weights(k)}
+    params = {id(u.weight): u.weight for k in keys for u in adapter.unit_weights(k)}
     grads = dict(zip(params, torch.autograd.grad(_loss(model, windows), list(params.values())), strict=True))
     fisher = {i: torch.zeros_like(w) for i, w in params.items()}
     if importance == "element2":
@@ -32,11 +32,11 @@ def _by_hand(model, windows, importance, aggregation):
     out = {}
     for key in keys:
         per_structure = []
-        for w, dim, width in adapter.unit_weights(key):
+        for w, dim, width, start, _ in adapter.unit_weights(key):
             g, f = grads[id(w)], fisher[id(w)]
             scores = []
             for u in range(adapter.group_size(key)):
-                sl = slice(u * width, (u + 1) * width)
+                sl = slice(start + u * width, start + (u + 1) * width)
                 ws, gs, fs = (t[sl] if dim == 0 else t[:, sl] for t in (w.detach(), g, f))
                 if importance == "vector":
                     scores.append(abs(float((gs * ws).sum())))
@@ -52,6 +52,7 @@ def _by_hand(model, windows, importance, aggregation):
 
 @pytest.mark.parametrize("importance,aggregation,family", [
     ("element1", "sum", "llama-gqa"), ("vector", "max", "llama"), ("element2", "prod", "phi"), ("element1", "last", "qwen2"),
+    ("element1", "sum", "phi3"),
 ])
 def test_taylor_importance_equals_autograd_by_hand(importance, aggregation, family):
     model = tiny_model(family, "eager")

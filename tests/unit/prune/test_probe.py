@@ -52,3 +52,21 @@ def test_kl_utility_is_zero_for_the_model_itself_and_matches_a_hand_computation(
     expect = topk_kl(logits, teacher_topk(model(windows).logits[:, :-1].detach(), 64)).mean()
     assert -utility[1] == pytest.approx(float(expect), rel=1e-3)  # float32 log-softmax differences
     assert utility[1] < 0
+
+
+def test_emptied_groups_name_the_iteration_and_the_evidence():
+    from bonsai.prune.runner import emptied_groups
+
+    initial = {"0.attention": 2, "0.mlp": 8, "1.attention": 0, "1.mlp": 8}  # layer 1's heads were gone before
+    probes = {"0.attention": 0.01, "0.mlp": 0.5, "1.mlp": 0.2}
+    history = [
+        {"iteration": 1, "attention_units": [1, 0], "mlp_units": [6, 8], "probe_increase": probes},
+        {"iteration": 2, "attention_units": [0, 0], "mlp_units": [6, 7], "probe_increase": probes},
+        {"iteration": 3, "attention_units": [0, 0], "mlp_units": [6, 0]},  # the paper's selection: no probes
+    ]
+    out = emptied_groups(history, initial)
+    assert out == [
+        {"group": "0.attention", "iteration": 2, "units_before": 1, "probe_increase": 0.01,
+         "median_probe_increase": 0.2},
+        {"group": "1.mlp", "iteration": 3, "units_before": 7},
+    ]

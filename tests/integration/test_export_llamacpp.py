@@ -199,3 +199,46 @@ def test_k_quants_refuse_widths_they_cannot_block(tmp_path, tiny_tokenizer):
     assert not list(tmp_path.iterdir())
     report = write_gguf(model, tiny_tokenizer, tmp_path / "k.gguf", "q4_k_m", allow_fallback=True)
     assert any(n.endswith("ffn_down.weight") for n in report["k_quant_fallback"])
+
+
+def _uniform(family, tokenizer, units: int | None, channels: int):
+    """A tiny random model pruned to the same sizes in every layer (different units kept in each), refit."""
+    model = tiny_model(family, "eager", num_hidden_layers=3, vocab_size=len(tokenizer)).float()
+    adapter = get_adapter(model)
+    gen = torch.Generator().manual_seed(4)
+    keep = {}
+    for key in adapter.groups():
+        n = units if key.kind == ATTENTION else channels
+        if n is not None:
+            keep[key] = torch.randperm(adapter.group_size(key), generator=gen)[:n].sort().values
+    windows = torch.randint(0, len(tokenizer), (4, 24), generator=torch.Generator().manual_seed(0))
+    remove_units(model, adapter, keep, windows, "lstsq", batch_size=4)
+    return model
+
+
+@pytest.mark.parametrize("family,units", [("qwen3", 1), ("olmo2", None)])
+@pytest.mark.parametrize("tied", [False, True])
+def test_uniform_families_run_as_their_own_llama_cpp_architecture(family, units, tied, tmp_path, tiny_tokenizer):
+    """Qwen3 (per-head q/k norms, head_dim != hidden / heads) and OLMo-2 (post-norms; MLP only) pruned to the same
+    sizes in every layer are written as llama.cpp's qwen3 / olmo2 and give transformers' logits (same tolerance)."""
+    model = _uniform(family, tiny_tokenizer, units, channels=20)
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    report = write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "f32")
+    assert report["architecture"] == family and {b["n_ff"] for b in report["blocks"]} == {20}
+    ids = torch.randint(3, len(tiny_tokenizer), (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expect = model(ids).logits[0].numpy()
+    got = GGUFModel(tmp_path / "m.gguf", n_ctx=64).logits(ids[0].tolist())
+    assert np.abs(got - expect).max() <= 1e-3 * np.abs(expect).max()
+
+
+def test_per_layer_qwen3_is_refused_with_the_way_out(tmp_path, tiny_tokenizer):
+    from bonsai.errors import BonsaiError
+
+    model = tiny_model("qwen3", vocab_size=len(tiny_tokenizer))
+    get_adapter(model).slice(GroupKey(1, MLP), torch.arange(10))
+    with pytest.raises(BonsaiError, match="--allocation uniform"):
+        write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "f32")
+    assert not list(tmp_path.iterdir())

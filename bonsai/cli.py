@@ -246,6 +246,15 @@ def prune_cmd(
     probe_depths: int | None = typer.Option(None, "--probe-depths",
                                             help="probe selection: depths probed per layer group (default 1: one "
                                                  "sub-model per group, 2L per iteration)."),
+    adaptive: bool | None = typer.Option(None, "--adaptive/--no-adaptive",
+                                         help="paper selection: evaluate sub-models in rounds and stop an iteration "
+                                              "once the units it would remove have settled (--samples the maximum)."),
+    adaptive_round: int | None = typer.Option(None, "--adaptive-round",
+                                              help="--adaptive: sub-models per round (even; default a tenth of "
+                                                   "--samples, at least 8)."),
+    adaptive_tol: float | None = typer.Option(None, "--adaptive-tol",
+                                              help="--adaptive: stop when at most this share of the parameters to "
+                                                   "remove changed since the last round (default 0.05)."),
     calib: str | None = typer.Option(None, help="Calibration data: wikitext2, c4, kjv, austen or a local file."),
     calib_samples: int | None = typer.Option(None, "--calib-samples", help="Calibration windows (default 32)."),
     seqlen: int | None = typer.Option(None, help="Calibration window length (default 2048 capped at max positions)."),
@@ -312,7 +321,8 @@ def prune_cmd(
     from bonsai.prune.runner import PruneRun
 
     overrides = dict(model=model, sparsity=sparsity, method=method, prior=prior, p_iter=p_iter, samples=samples,
-                     probe_depths=probe_depths,
+                     probe_depths=probe_depths, adaptive=adaptive, adaptive_round=adaptive_round,
+                     adaptive_tol=adaptive_tol,
                      calib=calib, calib_samples=calib_samples, seqlen=seqlen, batch_size=batch_size,
                      regression=regression, selection=selection, compensate=compensate, per_parameter=per_parameter,
                      utility=utility, width_multiple=width_multiple, head_multiple=head_multiple,

@@ -1,13 +1,18 @@
 #!/usr/bin/env python
 """Speed where pruned models are served: llama.cpp prompt and generation tokens/s, pruned vs parent, side by side.
 
-A ~370M-parameter LLaMA shape with random weights (hidden 1024, 24 layers, 16 heads, MLP 2816: compute
-dominates on a CPU) is pruned to 50% of its block parameters twice, (a) with a per-layer plan shaped like
-Bonsai's allocation on SmolLM2 (first and last layers kept widest, middle layers thinnest; `--plan
-report.json` takes the fractions from a real `bonsai prune` report instead) and (b) uniformly; all three are
-exported with `bonsai export` and measured alternately by `bonsai bench` (median of repeats).
+A ~370M-parameter LLaMA shape with random weights (hidden 1024, 24 layers, 16 heads of 64, MLP 2816: compute
+dominates on a CPU) is pruned to 50% of its block parameters, (a) with a per-layer plan shaped like Bonsai's
+allocation on SmolLM2 (first and last layers kept widest, middle layers thinnest; `--plan report.json` takes
+the fractions from a real `bonsai prune` report instead) and (b) uniformly, each with the widths left as the
+plan gives them and rounded to `--width-multiples` (MLP channels a multiple of N, heads x 64 too: what
+`bonsai prune --width-multiple N --head-multiple N/64` produces). Every model is exported with `bonsai
+export` and measured alternately with the parent by `bonsai bench` (median of repeats); transformers' CPU
+forward of one prompt is timed the same way (`--hf`). K-quants of widths that are not multiples of 256 go
+through `--allow-fallback` and the report counts the block matrices that fell back.
 
-    python scripts/bench_gguf.py --dtypes f16,q8_0 --prompt 256 --generate 64 --repeats 5
+    python scripts/bench_gguf.py --dtypes f16,q4_k_m --width-multiples 1,256 --prompt 256 --generate 64 \
+        --repeats 5 --hf
 """
 
 from __future__ import annotations
@@ -38,7 +43,14 @@ def shaped_fractions(n: int, plan: str | None) -> tuple[list[float], list[float]
     return list(np.clip(shape, 0.1, 1.0)), list(np.clip(shape, 0.1, 1.0))
 
 
-def build(kind: str, plan: str | None, seed: int = 0):
+def _rounded(n: float, multiple: int, full: int) -> int:
+    """n rounded to a multiple (at least one multiple, at most the full width)."""
+    if multiple <= 1:
+        return max(1, min(full, round(n)))
+    return max(multiple, min(full, multiple * round(n / multiple)))
+
+
+def build(kind: str, plan: str | None, multiple: int = 1, seed: int = 0):
     import numpy as np
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -54,31 +66,67 @@ def build(kind: str, plan: str | None, seed: int = 0):
         return model
     adapter = get_adapter(model)
     n = cfg.num_hidden_layers
+    heads, ff, head_dim = cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_size // cfg.num_attention_heads
+    head_multiple = max(1, multiple // head_dim)
     att_f, mlp_f = ([1.0] * n, [1.0] * n) if kind == "uniform" else shaped_fractions(n, plan)
     target = 0.5 * adapter.block_parameters()
     att_unit, mlp_unit = adapter.params_per_unit(GroupKey(0, ATTENTION)), adapter.params_per_unit(GroupKey(0, MLP))
-    lo, hi = 0.0, 1.0  # scale the kept fractions so that 50% of the block parameters go
+
+    def sizes(s: float) -> list[tuple[int, int]]:
+        return [(_rounded(min(1, a * s) * heads, head_multiple, heads), _rounded(min(1, m * s) * ff, multiple, ff))
+                for a, m in zip(att_f, mlp_f, strict=True)]
+
+    lo, hi = 0.0, 1.0  # scale the kept fractions so that 50% of the block parameters go (within one multiple)
     for _ in range(60):
         s = (lo + hi) / 2
-        kept = sum(round(min(1, a * s) * 16) * att_unit + round(min(1, m * s) * 2816) * mlp_unit
-                   for a, m in zip(att_f, mlp_f, strict=True))
+        kept = sum(h * att_unit + c * mlp_unit for h, c in sizes(s))
         lo, hi = (s, hi) if kept < adapter.block_parameters() - target else (lo, s)
-    for i, (a, m) in enumerate(zip(att_f, mlp_f, strict=True)):
-        adapter.slice(GroupKey(i, ATTENTION), torch.arange(max(1, round(min(1, a * s) * 16))))
-        adapter.slice(GroupKey(i, MLP), torch.arange(max(1, round(min(1, m * s) * 2816))))
-    print(f"{kind}: {adapter.block_parameters() / (2 * target):.3f} of the block parameters kept; "
-          f"heads {[adapter.group_size(GroupKey(i, ATTENTION)) for i in range(n)]}, "
+    for i, (h, c) in enumerate(sizes(s)):
+        adapter.slice(GroupKey(i, ATTENTION), torch.arange(h))
+        adapter.slice(GroupKey(i, MLP), torch.arange(c))
+    print(f"{kind} (width multiple {multiple}): {adapter.block_parameters() / (2 * target):.3f} of the block "
+          f"parameters kept; heads {[adapter.group_size(GroupKey(i, ATTENTION)) for i in range(n)]}, "
           f"MLP {[adapter.group_size(GroupKey(i, MLP)) for i in range(n)]}", flush=True)
     np.random.seed(seed)
     return model
 
 
+def hf_forward_speedups(models: dict, prompt: int, repeats: int) -> dict[str, float]:
+    """transformers float32 CPU forward of one prompt: parent seconds / model seconds, timed alternately."""
+    import statistics
+    import time
+
+    import torch
+
+    ids = torch.randint(3, 4096, (1, prompt), generator=torch.Generator().manual_seed(0))
+    times = {k: [] for k in models}
+    with torch.inference_mode():
+        for r in range(repeats + 1):
+            for k, m in models.items():
+                start = time.perf_counter()
+                m(ids)
+                if r:  # the first round warms up
+                    times[k].append(time.perf_counter() - start)
+    base = statistics.median(times["parent"])
+    return {k: base / statistics.median(v) for k, v in times.items() if k != "parent"}
+
+
+def not_k_quantised(path: str) -> int:
+    """Block matrices of a K-quant file that llama.cpp stored in another type (rows it cannot block)."""
+    import gguf
+
+    return sum(1 for t in gguf.GGUFReader(path).tensors
+               if t.name.startswith("blk.") and len(t.shape) > 1 and not t.tensor_type.name.lower().endswith("_k"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", default="f16,q8_0")
+    p.add_argument("--width-multiples", default="1", help="comma-separated: widths as planned (1) and rounded")
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--generate", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--hf", action="store_true", help="also time transformers' CPU forward (float32)")
     p.add_argument("--plan", default=None, help="a bonsai prune report.json whose per-layer sizes shape the plan")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-gguf")
     p.add_argument("--json", type=Path, default=None)
@@ -91,22 +139,36 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
     args.out.mkdir(parents=True, exist_ok=True)
+    variants = [(kind, int(m)) for kind in ("bonsai-plan", "uniform") for m in args.width_multiples.split(",")]
+    hf = {}
+    if args.hf:
+        models = {"parent": build("parent", None)}
+        models.update({f"{k}-w{m}": build(k, args.plan, m) for k, m in variants})
+        hf = hf_forward_speedups(models, args.prompt, args.repeats)
+        del models
     rows = []
     for dtype in args.dtypes.split(","):
         files = {}
-        for kind in ("parent", "bonsai-plan", "uniform"):
-            path = args.out / f"{kind}-{dtype}.gguf"
+        for kind, m in [("parent", 1), *variants]:
+            name = "parent" if kind == "parent" else f"{kind}-w{m}"
+            path = args.out / f"{name}-{dtype}.gguf"
             if not path.exists():
-                report = write_gguf(build(kind, args.plan), tok, path, dtype)
+                report = write_gguf(build(kind, args.plan, m), tok, path, dtype, allow_fallback=True)
                 print(f"  {path.name}: {report['architecture']}, {report['bytes'] / 2**20:.0f} MiB", flush=True)
-            files[kind] = str(path)
-        for kind in ("bonsai-plan", "uniform"):
-            r = run_gguf_bench(files[kind], files["parent"], args.prompt, args.generate, args.repeats)
-            rows.append({"dtype": dtype, "model": kind, **r})
-            print(f"{dtype} {kind}: params ratio {r['param_ratio']:.2f}x, prompt {r['speedup']['prompt']:.2f}x, "
-                  f"generation {r['speedup']['generate']:.2f}x "
+            files[name] = str(path)
+        for kind, m in variants:
+            name = f"{kind}-w{m}"
+            r = run_gguf_bench(files[name], files["parent"], args.prompt, args.generate, args.repeats)
+            fallback = not_k_quantised(files[name]) if "_k" in dtype else 0
+            size_ratio = Path(files["parent"]).stat().st_size / Path(files[name]).stat().st_size
+            rows.append({"dtype": dtype, "model": kind, "width_multiple": m, "file_ratio": size_ratio,
+                         "k_quant_fallback": fallback, "hf_forward_speedup": hf.get(name), **r})
+            print(f"{dtype} {name}: params ratio {r['param_ratio']:.2f}x, file ratio {size_ratio:.2f}x, prompt "
+                  f"{r['speedup']['prompt']:.2f}x, generation {r['speedup']['generate']:.2f}x "
                   f"({r['models']['model']['generate_tokens_per_second']:.1f} vs "
-                  f"{r['models']['baseline']['generate_tokens_per_second']:.1f} tok/s)", flush=True)
+                  f"{r['models']['baseline']['generate_tokens_per_second']:.1f} tok/s)"
+                  + (f", not K-quantised: {fallback}" if fallback else "")
+                  + (f", transformers forward {hf[name]:.2f}x" if name in hf else ""), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -47,6 +47,10 @@ class PruneConfig:
     # coefficient per unit)
     selection: str = "probe"
     probe_depths: int = 1  # probe: depths measured per group (1: its whole candidate set); --samples is the paper's
+    # paper selection: evaluate in rounds and stop once the removal decision has converged (--samples the maximum)
+    adaptive: bool = False
+    adaptive_round: int = 0  # sub-models per round (0: a tenth of --samples, at least 8, even: pairs stay together)
+    adaptive_tol: float = 0.05  # stop when the parameters whose fate changed since the last round are below this share
     compensate: bool = True  # evaluate sub-models with their dropped units compensated (the refit to come)
     utility: str = "kl"  # U of a sub-model: -(KL from the current model's next-token distributions), or -(LM loss)
     # serving shapes: every layer's MLP width / attention units a multiple of N, or every layer the same
@@ -105,6 +109,13 @@ class PruneConfig:
             raise BonsaiError(f"unknown --allocation {self.allocation!r}: choose global or uniform")
         if self.probe_depths < 1:
             raise BonsaiError(f"--probe-depths must be at least 1 (got {self.probe_depths})")
+        if self.adaptive and (self.selection != "paper" or self.method != "bonsai"):
+            raise BonsaiError("--adaptive stops the paper selection's sampling early: use it with --selection paper "
+                              "(the probe selection evaluates one sub-model per layer group, nothing to stop)")
+        if self.adaptive_round < 0 or self.adaptive_round % 2:
+            raise BonsaiError(f"--adaptive-round must be an even number of sub-models (got {self.adaptive_round})")
+        if not 0 <= self.adaptive_tol < 1:
+            raise BonsaiError(f"--adaptive-tol must be in [0, 1) (got {self.adaptive_tol})")
         if self.method == "no-regression" and self.selection != "paper":
             raise BonsaiError("no-regression is an ablation of the paper's regression: use it with --selection paper")
         if self.regression not in ("lasso", "ridge"):
@@ -160,6 +171,12 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def round_size(self) -> int:
+        """Sub-models per adaptive round: whole (sample, complement) pairs."""
+        size = self.adaptive_round or max(8, -(-self.samples // 10))
+        return size + size % 2
 
     def fingerprint(self) -> dict:
         """Settings that determine the result; a resumed run must match them."""

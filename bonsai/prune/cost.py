@@ -29,14 +29,16 @@ class CostEstimate:
     seconds: float
     probe_peak_bytes: int
     extra_bytes: int  # beyond the probe batch: refit hidden states, one Gram matrix, compensation columns
+    at_most: bool = False  # adaptive sampling: the sub-models (and the time) are a maximum
 
     @property
     def peak_bytes(self) -> int:
         return self.probe_peak_bytes + self.extra_bytes
 
     def line(self) -> str:
-        return (f"estimate: {self.iterations} iterations x {self.sub_models_per_iteration} sub-models, "
-                f"{self.forward_tokens / 1e6:.1f}M forward tokens, ~{_duration(self.seconds)} on this device, "
+        most = "at most " if self.at_most else ""
+        return (f"estimate: {self.iterations} iterations x {most}{self.sub_models_per_iteration} sub-models, "
+                f"{self.forward_tokens / 1e6:.1f}M forward tokens, ~{most}{_duration(self.seconds)} on this device, "
                 f"peak memory ~{self.peak_bytes / 2**30:.1f} GiB")
 
 
@@ -90,6 +92,6 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
     comp = 0
     if cfg.compensate and n_sub:
         comp = sum(adapter.output_projection(k).in_features ** 2 * 2 * cfg.p_iter for k in groups) * 4
-    return CostEstimate(iterations=iterations, sub_models_per_iteration=n_sub, forward_tokens=tokens,
+    return CostEstimate(iterations=iterations, sub_models_per_iteration=n_sub, forward_tokens=tokens, at_most=cfg.adaptive,
                         seconds_per_token=seconds_per_token, seconds=tokens * seconds_per_token,
                         probe_peak_bytes=probe_peak, extra_bytes=int(gram_bytes + states + comp))

@@ -1,5 +1,6 @@
 """report.png: units kept per layer (like the paper's Figure 4), and per iteration either each layer group's
-probe cost (probe selection) or the regression's CV tau (paper selection)."""
+probe cost (probe selection), the regression's CV tau (paper selection), or each iteration's convergence curve
+(paper selection with --adaptive)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,18 @@ def plot_report(report: dict, path: str | Path) -> None:
         axes[2].set_yscale("log")
         axes[2].set_title("probe cost per layer group (KL or loss increase)")
         axes[2].set_xlabel("layer")
+        axes[2].legend(fontsize=6, ncol=2)
+    elif any(h.get("adaptive") for h in history):  # adaptive sampling: each iteration's convergence curve
+        for h in history:
+            curve = (h.get("adaptive") or {}).get("curve") or []
+            xs = [c["sub_models"] for c in curve]
+            axes[2].plot(xs, [c["cv_tau"] if c["cv_tau"] is not None else float("nan") for c in curve], marker="o",
+                         markersize=3, label=f"iter {h['iteration']} tau")
+            axes[2].plot(xs, [c["changed"] for c in curve], linestyle="--", alpha=0.6,
+                         label=f"iter {h['iteration']} decision changed")
+        axes[2].set_title("adaptive rounds: CV tau, share of decision changed")
+        axes[2].set_xlabel("sub-models evaluated")
+        axes[2].set_ylim(-0.1, 1.05)
         axes[2].legend(fontsize=6, ncol=2)
     else:
         taus = [h["cv_tau"] if h["cv_tau"] is not None else float("nan") for h in history]

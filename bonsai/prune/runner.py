@@ -29,11 +29,13 @@ from bonsai.prune.evaluate import SubModelEvaluator, prior_pass
 from bonsai.prune.priors import NEEDS_GRAM
 from bonsai.prune.sampling import candidate_units, probe_masks, sample_masks
 from bonsai.prune.scoring import unit_scores
-from bonsai.prune.selection import GroupOrder, select_in_multiples, select_removals, select_uniform
+from bonsai.prune.regression import fit_unit_scores
+from bonsai.prune.selection import GroupOrder, changed_share, select_in_multiples, select_removals, select_uniform
 from bonsai.prune.state import IterationState, RunState, StateStore
 from bonsai.reconstruct import RemovalReport, remove_units
 from bonsai.runtime import peak_memory
 
+TAU_RISE = 0.01  # adaptive sampling: a CV tau higher than the last round's by more than this is still rising
 ABORT_ENV = "BONSAI_ABORT_AFTER_EVALS"  # tests: simulate a crash after N sub-model evaluations
 ABORT_RECON_ENV = "BONSAI_ABORT_IN_RECONSTRUCTION"  # tests: "T:B" crashes iteration T's refit after block B
 
@@ -268,8 +270,13 @@ class PruneRun:
         cand_prior = np.concatenate([it.prior[str(k)][it.candidates[str(k)]] for k in keys]) if keys else np.zeros(0)
         cand_params = np.concatenate([np.full(len(it.candidates[str(k)]), adapter.params_per_unit(k)) for k in keys]
                                      ) if keys else np.zeros(0)
+        adaptive = None
         if cfg.method in ("bonsai", "no-regression"):
-            self._evaluate_pending(it, keys, offsets, windows, progress)
+            if cfg.adaptive:
+                adaptive = self._evaluate_adaptive(it, keys, offsets, windows, progress, cand_prior, cand_params,
+                                                   need, t)
+            else:
+                self._evaluate_pending(it, keys, offsets, windows, progress)
         scores, reg, probe = unit_scores(cfg, it, keys, offsets, cand_prior, cand_params, t)
         if cfg.width_multiple > 1 or cfg.head_multiple > 1 or cfg.allocation == "uniform":
             removed = self._select_in_steps(it, keys, offsets, scores, need)
@@ -296,6 +303,7 @@ class PruneRun:
             "cv_tau": None if reg is None else _finite_or_none(reg.cv_tau),
             "penalty": None if reg is None else _finite_or_none(reg.alpha),
             "probe_increase": probe,
+            "adaptive": adaptive,
             "reconstruction": _summary(removal),
             "calib_loss": it.base_loss,
             "calib_ppl": math.exp(it.base_loss) if it.base_loss < 700 else float("inf"),
@@ -371,9 +379,65 @@ class PruneRun:
             out[key] = m
         return out
 
-    def _evaluate_pending(self, it: IterationState, keys, offsets, windows, progress) -> None:
+    def _evaluate_adaptive(self, it: IterationState, keys, offsets, windows, progress, cand_prior: np.ndarray,
+                           cand_params: np.ndarray, need: float, t: int) -> dict:
+        """Sub-models in rounds of `cfg.round_size`; after each round the regression is refit and the iteration
+        stops once the units it would remove have settled (the parameters whose fate changed since the last
+        round are at most `adaptive_tol` of those involved) and the cross-validated tau has stopped rising.
+        Each finished round is checkpointed with its decision, so a resumed run takes the same path."""
         cfg = self.cfg
-        pending = [i for i in range(len(it.masks)) if not it.done[i]]
+        n = len(it.masks)
+        bounds = list(range(cfg.round_size, n, cfg.round_size)) + [n]
+        rounds = [tuple(float(x) for x in row) for row in it.rounds]
+        previous, reason = None, "maximum"
+        for r, end in enumerate(bounds):
+            if r < len(rounds):  # finished before a resume
+                if rounds[r][3]:
+                    reason = "converged"
+                    break
+                if r == len(rounds) - 1:
+                    previous, _ = self._adaptive_decision(it, cand_prior, cand_params, need, t, end)
+                continue
+            self._evaluate_pending(it, keys, offsets, windows, progress, upto=end, release=end == n)
+            removal, tau = self._adaptive_decision(it, cand_prior, cand_params, need, t, end)
+            change = 1.0 if previous is None or removal is None else changed_share(previous, removal, cand_params)
+            last_tau = rounds[-1][1] if rounds else float("nan")
+            rising = np.isfinite(tau) and (not np.isfinite(last_tau) or tau > last_tau + TAU_RISE)
+            stop = bool(self.dist.broadcast(previous is not None and change <= cfg.adaptive_tol and not rising))
+            rounds.append((float(end), float(tau), float(change), float(stop)))
+            it.rounds = np.asarray(rounds, dtype=np.float64)
+            if self.dist.is_main:
+                self.store.save_iteration(it)
+            previous = removal
+            if stop:
+                reason = "converged"
+                break
+        self._compensation = None
+        used = int(it.done.sum())
+        if self.dist.is_main:
+            console.print(f"iteration {t + 1}: {used}/{n} sub-models ({reason})")
+        return {"sub_models": used, "max_sub_models": n, "stop": reason, "round_size": cfg.round_size,
+                "curve": [{"sub_models": int(e), "cv_tau": _finite_or_none(tau), "changed": ch}
+                          for e, tau, ch, _ in rounds]}
+
+    def _adaptive_decision(self, it: IterationState, cand_prior: np.ndarray, cand_params: np.ndarray, need: float,
+                           t: int, end: int) -> tuple[np.ndarray | None, float]:
+        """The candidates the regression on the first `end` sub-models would remove, and its CV tau."""
+        cfg = self.cfg
+        use = it.done & np.isfinite(it.utility) & (np.arange(len(it.masks)) < end)
+        if use.sum() < 4:
+            return None, float("nan")
+        reg = fit_unit_scores(it.masks[use].astype(np.float64), it.utility[use], cfg.regression,
+                              folds=cfg.cv_folds, seed=cfg.seed + t)
+        scores = reg.beta / cand_params if cfg.per_parameter else reg.beta
+        return select_removals(scores, cand_prior, cand_params, need), reg.cv_tau
+
+    def _evaluate_pending(self, it: IterationState, keys, offsets, windows, progress, upto: int | None = None,
+                          release: bool = True) -> None:
+        """Evaluate the sub-models not done yet (those before `upto`); `release` frees the compensation
+        matrices afterwards (an adaptive round keeps them for the next)."""
+        cfg = self.cfg
+        pending = [i for i in range(len(it.masks) if upto is None else upto) if not it.done[i]]
         if not pending:
             return
         compensation = None
@@ -409,7 +473,8 @@ class PruneRun:
             if abort_after and self.evals_this_process >= abort_after:
                 os._exit(75)  # simulated crash, after the checkpoint, for the resume tests
         progress.remove_task(task)
-        self._compensation = None
+        if release:
+            self._compensation = None
 
     @staticmethod
     def _record(it: IterationState, keys, chunk: list[int], utility: np.ndarray, sample_prior) -> None:

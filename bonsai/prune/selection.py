@@ -21,6 +21,16 @@ def select_removals(scores: np.ndarray, tiebreak: np.ndarray, unit_params: np.nd
     return np.sort(order[: min(n, len(order))])
 
 
+def changed_share(before: np.ndarray, after: np.ndarray, unit_params: np.ndarray) -> float:
+    """Parameters removed by exactly one of two removal sets, as a share of those removed by either
+    (0: the same decision, 1: disjoint): how much a decision moved between two rounds of sub-models."""
+    a = np.zeros(len(unit_params), bool)
+    b = np.zeros(len(unit_params), bool)
+    a[before], b[after] = True, True
+    union = float(unit_params[a | b].sum())
+    return float(unit_params[a ^ b].sum()) / union if union > 0 else 0.0
+
+
 @dataclass
 class GroupOrder:
     """One group's units in removal order (cheapest first), for removal in whole steps of `multiple` units.

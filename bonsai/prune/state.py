@@ -48,6 +48,8 @@ class IterationState:
     nr_sum: np.ndarray
     nr_count: np.ndarray
     unit_error: dict[str, np.ndarray] = field(default_factory=dict)  # compensated errors (sensitivity selection)
+    #: adaptive sampling, one row per finished round: sub-models, CV tau, share of the decision changed, stopped
+    rounds: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         t = {
@@ -58,6 +60,7 @@ class IterationState:
             "nr_count": torch.from_numpy(self.nr_count.astype(np.float64)),
             "base_loss": torch.tensor([self.base_loss], dtype=torch.float64),
             "iteration": torch.tensor([self.iteration], dtype=torch.int64),
+            "rounds": torch.from_numpy(np.asarray(self.rounds, dtype=np.float64).reshape(-1, 4)),
         }
         for k, v in self.prior.items():
             t[f"prior/{k}"] = torch.from_numpy(np.asarray(v, dtype=np.float64))
@@ -76,6 +79,7 @@ class IterationState:
             masks=t["masks"].numpy(), utility=t["utility"].numpy(), done=t["done"].numpy().astype(bool),
             base_loss=float(t["base_loss"][0]), nr_sum=t["nr_sum"].numpy(), nr_count=t["nr_count"].numpy(),
             unit_error={k[4:]: v.numpy() for k, v in t.items() if k.startswith("err/")},
+            rounds=t["rounds"].numpy() if "rounds" in t else np.zeros((0, 4)),
         )
 
 

@@ -356,3 +356,55 @@ def test_cost_model_counts_the_forward_tokens():
                         prior="wanda", compensate=False, reconstruct="none").validate()
     cost = estimate(paper, model, adapter, adapter.groups(), 64, 3, False)
     assert cost.forward_tokens == pytest.approx(sum((1 - 0.3 * t / 3) * (C + 20 * C) for t in range(3)))
+
+
+ADAPTIVE = ["--selection", "paper", "--prior", "wanda", "--no-compensate", "--utility", "loss", "--adaptive",
+            "--samples", "24", "--adaptive-round", "4", "--adaptive-tol", "0.4"]
+
+
+def test_adaptive_resume_takes_the_same_path(tmp_path):
+    """--adaptive killed mid-way (rounds and their decisions are checkpointed) finishes with the bytes and the
+    convergence record of an uninterrupted run."""
+    args = [sys.executable, "-m", "bonsai", "prune", "--model", "tiny", "--sparsity", "0.2", "--p-iter", "0.1",
+            "--calib", "kjv", "--seqlen", "32", "--calib-samples", "4", "--batch-size", "8", "--checkpoint-every", "2",
+            *ADAPTIVE]
+    crashed = subprocess.run(args + ["--out", str(tmp_path / "resumed")], capture_output=True, text=True, timeout=600,
+                             env=dict(os.environ, BONSAI_ABORT_AFTER_EVALS="14"))
+    assert crashed.returncode == 75, crashed.stderr
+    resumed = subprocess.run(args + ["--out", str(tmp_path / "resumed")], capture_output=True, text=True, timeout=600)
+    straight = subprocess.run(args + ["--out", str(tmp_path / "straight")], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and straight.returncode == 0, resumed.stderr + straight.stderr
+    a = load_file(tmp_path / "resumed" / "model.safetensors")
+    b = load_file(tmp_path / "straight" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra = json.loads((tmp_path / "resumed" / "report.json").read_text())["iterations"]
+    rb = json.loads((tmp_path / "straight" / "report.json").read_text())["iterations"]
+    assert [h["adaptive"] for h in ra] == [h["adaptive"] for h in rb]
+    for h in rb:  # the record: rounds of 4 up to where it stopped, and the sub-models it used
+        curve = h["adaptive"]["curve"]
+        assert [c["sub_models"] for c in curve] == list(range(4, 4 * len(curve) + 1, 4))
+        assert h["sub_models"] == h["adaptive"]["sub_models"] == curve[-1]["sub_models"]
+        assert h["adaptive"]["stop"] == "converged" or h["sub_models"] == 24
+
+
+def test_adaptive_stop_equals_a_fixed_run_of_that_many_sub_models(tmp_path):
+    """Stopping after k sub-models decides exactly as `--samples k` would (the same masks, the same fit)."""
+    common = dict(model="tiny", sparsity=0.1, p_iter=0.1, seqlen=32, calib_samples=4, selection="paper",
+                  prior="wanda", compensate=False, utility="loss")
+    _, adaptive = prune(tmp_path / "a", samples=40, adaptive=True, adaptive_round=4, adaptive_tol=0.5, **common)
+    used = adaptive["iterations"][0]["sub_models"]
+    assert used < 40  # it did stop early (a loose tolerance on a tiny model)
+    assert used == adaptive["iterations"][0]["adaptive"]["curve"][-1]["sub_models"]
+    _, fixed = prune(tmp_path / "f", samples=used, **common)
+    assert fixed["iterations"][0]["cv_tau"] == adaptive["iterations"][0]["cv_tau"]
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "f" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adaptive_needs_the_paper_selection():
+    from bonsai.errors import BonsaiError
+
+    with pytest.raises(BonsaiError, match="--selection paper"):
+        PruneConfig(model="tiny", adaptive=True).validate()
+    with pytest.raises(BonsaiError, match="even"):
+        PruneConfig(model="tiny", adaptive=True, selection="paper", adaptive_round=5).validate()

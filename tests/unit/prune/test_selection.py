@@ -73,3 +73,15 @@ def test_select_uniform_takes_the_same_steps_everywhere_at_least_cost():
     counts = select_uniform({"attention": att, "mlp": mlp}, budget=900, cost_per_param=False)
     removed = 3 * (counts["attention"] * 100 + counts["mlp"] * 10)
     assert removed >= 900 and counts["attention"] >= 1  # the channels alone (20 allowed) are not enough
+
+
+def test_changed_share_counts_parameters_removed_by_one_decision_only():
+    import numpy as np
+
+    from bonsai.prune.selection import changed_share
+
+    params = np.array([10.0, 1.0, 1.0, 5.0])
+    assert changed_share(np.array([0, 1]), np.array([0, 1]), params) == 0.0
+    assert changed_share(np.array([0, 1]), np.array([1, 3]), params) == (10 + 5) / (10 + 1 + 5)
+    assert changed_share(np.array([0]), np.array([2]), params) == 1.0
+    assert changed_share(np.array([], dtype=int), np.array([], dtype=int), params) == 0.0

@@ -316,6 +316,20 @@ def _write_phi(writer_factory, model, adapter: ArchAdapter, dtype: str, report: 
     return sink
 
 
+PHI3_NAMED_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _model_name(name: str, tokenizer) -> str:
+    """`general.name`, kept unless llama.cpp would crash on it: it gives Phi-3's special tokens their attributes
+    whenever the name contains "phi-3"/"phi3" and fails to load a vocabulary without those tokens."""
+    import re
+
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    if re.search(r"phi-?3", name, re.IGNORECASE) and not all(t in vocab for t in PHI3_NAMED_TOKENS):
+        return re.sub(r"(phi)-?(3)", r"\1_\2", name, flags=re.IGNORECASE)
+    return name
+
+
 @register_writer("gguf")
 def write_gguf(model, tokenizer, out: Path, dtype: str, source: str = "", allow_fallback: bool = False) -> dict:
     """Write `model` (float32, CPU) and its tokenizer as one GGUF file at `out` (atomically). K-quants go
@@ -327,13 +341,14 @@ def write_gguf(model, tokenizer, out: Path, dtype: str, source: str = "", allow_
         raise BonsaiError(f"unknown --dtype {dtype!r} for gguf: choose from {', '.join(DTYPES)}")
     if dtype in K_QUANTS:
         return _write_k_quant(model, tokenizer, Path(out), dtype, source, allow_fallback)
-    from bonsai.export.gguf_native import NATIVE, write_native
+    from bonsai.export.gguf_native import NATIVE, write_native, write_phi3
 
     adapter = get_adapter(model)
     model_type = model.config.model_type
     if model_type not in (*LLAMA_LIKE, "phi", *NATIVE):
         raise BonsaiError(f"GGUF export supports {', '.join((*LLAMA_LIKE, 'phi', *NATIVE))}; not {model_type!r} yet")
-    layout = _write_llama if model_type in LLAMA_LIKE else _write_phi if model_type == "phi" else write_native
+    layout = (_write_llama if model_type in LLAMA_LIKE else _write_phi if model_type == "phi"
+              else write_phi3 if model_type == "phi3" else write_native)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -342,7 +357,7 @@ def write_gguf(model, tokenizer, out: Path, dtype: str, source: str = "", allow_
 
     def factory(arch: str):
         w = gguf.GGUFWriter(str(tmp), arch)
-        w.add_name(Path(source).name if source else model_type)
+        w.add_name(_model_name(Path(source).name if source else model_type, tokenizer))
         w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -1,21 +1,33 @@
-"""GGUF layouts for families that llama.cpp runs as their own architecture (Qwen3, OLMo-2).
+"""GGUF layouts for families that llama.cpp runs as their own architecture (Qwen3, OLMo-2, Phi-3).
 
 Those architectures build every layer from one set of sizes (see the shared notes on llama.cpp's per-layer
 support: only `deci` reads per-layer arrays, and `deci` has no q/k norms or post-norms), so a pruned model of
 these families is written only when every layer kept the same attention units and MLP channels, which
 `bonsai prune --allocation uniform` guarantees. Everything else is refused in one line that says so.
 
-Both use llama.cpp's NEOX rotary layout (pairs i and i + d/2, transformers' rotate-half), so q and k are
+Phi-3 (and Phi-3.5 / Phi-4-mini) is written as `phi3`, whose loader fixes the query and output widths at the
+hidden size: pruned key/value groups are padded back with zero q/k/v rows and zero output columns, and every
+layer's MLP is padded with zero channels to the widest one (exact: a zero key scores every position alike, a
+zero value adds nothing, and a zero gate row gives SiLU(0) = 0), so only the MLP savings of the widest layer
+carry over; the report gives the overhead. LongRoPE goes as llama.cpp's long/short factor tensors and
+attention factor; llama.cpp picks the long factors by context size, transformers by sequence length.
+
+All three use llama.cpp's NEOX rotary layout (pairs i and i + d/2, transformers' rotate-half), so q and k are
 written as they are, without the permutation the `llama` layout needs.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from bonsai.adapters.base import ArchAdapter
 from bonsai.errors import BonsaiError
 from bonsai.export.gguf import TensorSink, _np, _rope_keys
 
-NATIVE = ("qwen3", "olmo2")
+NATIVE = ("qwen3", "olmo2", "phi3")
+ZERO_MLP_WIDTH = 32
 
 
 def uniform_sizes(adapter: ArchAdapter, model_type: str) -> tuple[int, int]:
@@ -107,4 +119,82 @@ def write_native(writer_factory, model, adapter: ArchAdapter, dtype: str, report
     report.update(architecture=model_type, padded=[], removed_layers=[],
                   blocks=[{"source": i, "n_head": units * adapter.attention(0).queries_per_kv, "n_head_kv": units,
                            "n_ff": channels} for i in range(adapter.num_layers)])
+    return sink
+
+
+def _pad_rows(w: np.ndarray, total: int) -> np.ndarray:
+    return np.concatenate([w, np.zeros((total - w.shape[0], *w.shape[1:]), np.float32)])
+
+
+def _longrope(writer, config, rotary: int, sink: TensorSink) -> None:
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    writer.add_rope_freq_base(float(params.get("rope_theta", 10000.0)))
+    kind = (params.get("rope_type") or "default").lower()
+    if kind == "default":
+        return
+    if kind not in ("longrope", "su"):
+        raise BonsaiError(f"Phi-3 rope scaling {kind!r} has no GGUF form in bonsai's exporter yet (longrope only)")
+    orig = int(params.get("original_max_position_embeddings") or config.original_max_position_embeddings)
+    long_f, short_f = params["long_factor"], params["short_factor"]
+    if len(long_f) != rotary // 2 or len(short_f) != rotary // 2:
+        raise BonsaiError(f"LongRoPE factors must have {rotary // 2} entries (got {len(long_f)}, {len(short_f)})")
+    factor = config.max_position_embeddings / orig
+    attn = params.get("attention_factor")
+    if attn is None:
+        attn = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0
+    writer.add_rope_scaling_orig_ctx_len(orig)
+    writer.add_rope_scaling_attn_factors(float(attn))
+    sink.add("rope_factors_long.weight", np.asarray(long_f, np.float32))
+    sink.add("rope_factors_short.weight", np.asarray(short_f, np.float32))
+
+
+def write_phi3(writer_factory, model, adapter: ArchAdapter, dtype: str, report: dict) -> TensorSink:
+    """Phi-3 as llama.cpp's phi3: full attention width and one MLP width, pruned parts padded with zeros."""
+    config = model.config
+    _no_biases(adapter, "phi3")
+    d, n_head, n_kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    head_dim = d // n_head
+    q_per_kv = n_head // n_kv
+    n_ff = max(adapter.mlp(i).units for i in range(adapter.num_layers)) or ZERO_MLP_WIDTH
+    rotary = int(head_dim * float((config.rope_parameters or {}).get("partial_rotary_factor", 1.0)))
+    writer = writer_factory("phi3")
+    sink = TensorSink(writer, dtype)
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(d)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_block_count(adapter.num_layers)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(rotary)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(config.vocab_size))
+    _longrope(writer, config, rotary, sink)
+    _embeddings(model, sink, always_output=False)
+    padded, written, real = [], 0, 0
+    for i in range(adapter.num_layers):
+        layer, att, mlp = adapter.layers()[i], adapter.attention(i), adapter.mlp(i)
+        p = f"blk.{i}"
+        units, channels = att.units, mlp.units
+        qkv = _np(att.q.weight)
+        q, k, v = qkv[:att.k_start], qkv[att.k_start:att.v_start], qkv[att.v_start:]
+        if units < n_kv:
+            padded.append(f"layer {i}: {n_kv - units} zero key/value groups")
+        if channels < n_ff:
+            padded.append(f"layer {i}: {n_ff - channels} zero MLP channels")
+        sink.add(f"{p}.attn_norm.weight", _np(layer.input_layernorm.weight))
+        sink.add(f"{p}.attn_qkv.weight", np.concatenate([_pad_rows(q, n_head * head_dim),
+                                                         _pad_rows(k, n_kv * head_dim), _pad_rows(v, n_kv * head_dim)]))
+        sink.add(f"{p}.attn_output.weight", _pad_rows(_np(att.out.weight).T, n_head * head_dim).T)
+        sink.add(f"{p}.ffn_norm.weight", _np(layer.post_attention_layernorm.weight))
+        gate_up = _np(mlp.inputs[0].weight)
+        gate, up = gate_up[:channels], gate_up[channels:]
+        sink.add(f"{p}.ffn_up.weight", np.concatenate([_pad_rows(gate, n_ff), _pad_rows(up, n_ff)]))
+        sink.add(f"{p}.ffn_down.weight", _pad_rows(_np(mlp.out.weight).T, n_ff).T)
+        real += units * q_per_kv * head_dim * 2 * d + units * head_dim * 2 * d + channels * 3 * d
+        written += 2 * (n_head + n_kv) * head_dim * d + n_ff * 3 * d
+    report.update(architecture="phi3", padded=padded, removed_layers=[], padding_overhead_params=written - real,
+                  note="llama.cpp's phi3 builds every layer with the full attention width and one MLP width: "
+                       "pruned key/value groups and channels are written back as zeros (exact, larger)")
     return sink

@@ -216,17 +216,20 @@ def _uniform(family, tokenizer, units: int | None, channels: int):
     return model
 
 
-@pytest.mark.parametrize("family,units", [("qwen3", 1), ("olmo2", None)])
+@pytest.mark.parametrize("family,units", [("qwen3", 1), ("olmo2", None), ("phi3", 1)])
 @pytest.mark.parametrize("tied", [False, True])
 def test_uniform_families_run_as_their_own_llama_cpp_architecture(family, units, tied, tmp_path, tiny_tokenizer):
-    """Qwen3 (per-head q/k norms, head_dim != hidden / heads) and OLMo-2 (post-norms; MLP only) pruned to the same
-    sizes in every layer are written as llama.cpp's qwen3 / olmo2 and give transformers' logits (same tolerance)."""
+    """Qwen3 (per-head q/k norms, head_dim != hidden / heads), OLMo-2 (post-norms; MLP only) and Phi-3 (fused
+    qkv and gate_up, LongRoPE past 16 positions) pruned to the same sizes in every layer are written as
+    llama.cpp's qwen3 / olmo2 / phi3 and give transformers' logits (same tolerance)."""
     model = _uniform(family, tiny_tokenizer, units, channels=20)
     if tied:
         model.config.tie_word_embeddings = True
         model.tie_weights()
     report = write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "f32")
-    assert report["architecture"] == family and {b["n_ff"] for b in report["blocks"]} == {20}
+    assert report["architecture"] == family
+    if family != "phi3":
+        assert {b["n_ff"] for b in report["blocks"]} == {20}
     ids = torch.randint(3, len(tiny_tokenizer), (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expect = model(ids).logits[0].numpy()
@@ -242,3 +245,22 @@ def test_per_layer_qwen3_is_refused_with_the_way_out(tmp_path, tiny_tokenizer):
     with pytest.raises(BonsaiError, match="--allocation uniform"):
         write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "f32")
     assert not list(tmp_path.iterdir())
+
+
+def test_per_layer_phi3_is_padded_exactly(tmp_path, tiny_tokenizer):
+    """Phi-3 with different sizes per layer (one layer down to one key/value group, one MLP down to 8 channels):
+    llama.cpp's phi3 holds one width, so the export pads with zeros, reports it, and stays exact."""
+    model = tiny_model("phi3", "eager", num_hidden_layers=3, vocab_size=len(tiny_tokenizer)).float()
+    adapter = get_adapter(model)
+    keep = {GroupKey(0, ATTENTION): torch.tensor([1]), GroupKey(1, MLP): torch.arange(0, 48, 6),
+            GroupKey(2, MLP): torch.arange(30)}
+    windows = torch.randint(0, len(tiny_tokenizer), (4, 24), generator=torch.Generator().manual_seed(0))
+    remove_units(model, adapter, keep, windows, "lstsq", batch_size=4)
+    report = write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "f32")
+    assert report["architecture"] == "phi3" and report["padding_overhead_params"] > 0
+    assert any("layer 0: 1 zero key/value groups" in p for p in report["padded"])
+    ids = torch.randint(3, len(tiny_tokenizer), (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expect = model(ids).logits[0].numpy()
+    got = GGUFModel(tmp_path / "m.gguf", n_ctx=64).logits(ids[0].tolist())
+    assert np.abs(got - expect).max() <= 1e-3 * np.abs(expect).max()

@@ -5,7 +5,7 @@ Families and the llama.cpp architecture they become:
 * LLaMA-1/2/3, Mistral, Qwen2: `llama` when every layer has the same attention and MLP sizes, else `deci`,
   which reads per-layer arrays for `head_count`, `head_count_kv` and `feed_forward_length` and builds each
   layer with its own sizes. Q and K (weights and biases) are permuted to llama.cpp's rotary layout per layer.
-* Qwen3 and OLMo-2: their own architectures, which hold one size for every layer, so only a model pruned
+* Qwen3, OLMo-2, Granite: their own architectures, which hold one size for every layer, so only a model pruned
   with `--allocation uniform` (or not pruned) is written (`bonsai/export/gguf_native.py`).
 * Phi-2: `phi2` builds every layer from one size and needs the full attention width, so a pruned Phi is
   padded back to uniform with zero heads and zero channels (exact: a zero head attends to zero values and a
@@ -341,14 +341,14 @@ def write_gguf(model, tokenizer, out: Path, dtype: str, source: str = "", allow_
         raise BonsaiError(f"unknown --dtype {dtype!r} for gguf: choose from {', '.join(DTYPES)}")
     if dtype in K_QUANTS:
         return _write_k_quant(model, tokenizer, Path(out), dtype, source, allow_fallback)
-    from bonsai.export.gguf_native import NATIVE, write_native, write_phi3
+    from bonsai.export.gguf_native import NATIVE, write_granite, write_native, write_phi3
 
     adapter = get_adapter(model)
     model_type = model.config.model_type
     if model_type not in (*LLAMA_LIKE, "phi", *NATIVE):
         raise BonsaiError(f"GGUF export supports {', '.join((*LLAMA_LIKE, 'phi', *NATIVE))}; not {model_type!r} yet")
     layout = (_write_llama if model_type in LLAMA_LIKE else _write_phi if model_type == "phi"
-              else write_phi3 if model_type == "phi3" else write_native)
+              else write_phi3 if model_type == "phi3" else write_granite if model_type == "granite" else write_native)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")

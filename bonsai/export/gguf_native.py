@@ -1,4 +1,4 @@
-"""GGUF layouts for families that llama.cpp runs as their own architecture (Qwen3, OLMo-2, Phi-3).
+"""GGUF layouts for families that llama.cpp runs as their own architecture (Qwen3, OLMo-2, Phi-3, Granite).
 
 Those architectures build every layer from one set of sizes (see the shared notes on llama.cpp's per-layer
 support: only `deci` reads per-layer arrays, and `deci` has no q/k norms or post-norms), so a pruned model of
@@ -12,7 +12,10 @@ zero value adds nothing, and a zero gate row gives SiLU(0) = 0), so only the MLP
 carry over; the report gives the overhead. LongRoPE goes as llama.cpp's long/short factor tensors and
 attention factor; llama.cpp picks the long factors by context size, transformers by sequence length.
 
-All three use llama.cpp's NEOX rotary layout (pairs i and i + d/2, transformers' rotate-half), so q and k are
+Granite is LLaMA's layout (q/k permuted to llama.cpp's rotary pairs) plus its four scalar multipliers, and like
+Qwen3 needs the same sizes in every layer.
+
+Qwen3, OLMo-2 and Phi-3 use llama.cpp's NEOX rotary layout (pairs i and i + d/2, transformers' rotate-half), so q and k are
 written as they are, without the permutation the `llama` layout needs.
 """
 
@@ -26,7 +29,7 @@ from bonsai.adapters.base import ArchAdapter
 from bonsai.errors import BonsaiError
 from bonsai.export.gguf import TensorSink, _np, _rope_keys
 
-NATIVE = ("qwen3", "olmo2", "phi3")
+NATIVE = ("qwen3", "olmo2", "phi3", "granite")
 ZERO_MLP_WIDTH = 32
 
 
@@ -197,4 +200,25 @@ def write_phi3(writer_factory, model, adapter: ArchAdapter, dtype: str, report: 
     report.update(architecture="phi3", padded=padded, removed_layers=[], padding_overhead_params=written - real,
                   note="llama.cpp's phi3 builds every layer with the full attention width and one MLP width: "
                        "pruned key/value groups and channels are written back as zeros (exact, larger)")
+    return sink
+
+
+def write_granite(writer_factory, model, adapter: ArchAdapter, dtype: str, report: dict) -> TensorSink:
+    """Granite 3.x as llama.cpp's granite: the llama layout with its embedding, residual, attention and logit
+    multipliers (uniform sizes only: llama.cpp's granite loader takes every layer's sizes from layer 0)."""
+    from bonsai.export.gguf import _write_llama
+
+    config = model.config
+    uniform_sizes(adapter, "granite")
+
+    def granite(_arch: str):
+        writer = writer_factory("granite")
+        writer.add_attention_scale(float(config.attention_multiplier))
+        writer.add_embedding_scale(float(config.embedding_multiplier))
+        writer.add_residual_scale(float(config.residual_multiplier))
+        writer.add_logit_scale(float(config.logits_scaling))
+        return writer
+
+    sink = _write_llama(granite, model, adapter, dtype, report)
+    report["architecture"] = "granite"
     return sink

@@ -216,19 +216,19 @@ def _uniform(family, tokenizer, units: int | None, channels: int):
     return model
 
 
-@pytest.mark.parametrize("family,units", [("qwen3", 1), ("olmo2", None), ("phi3", 1)])
+@pytest.mark.parametrize("family,units", [("qwen3", 1), ("olmo2", None), ("phi3", 1), ("granite", 1)])
 @pytest.mark.parametrize("tied", [False, True])
 def test_uniform_families_run_as_their_own_llama_cpp_architecture(family, units, tied, tmp_path, tiny_tokenizer):
-    """Qwen3 (per-head q/k norms, head_dim != hidden / heads), OLMo-2 (post-norms; MLP only) and Phi-3 (fused
-    qkv and gate_up, LongRoPE past 16 positions) pruned to the same sizes in every layer are written as
-    llama.cpp's qwen3 / olmo2 / phi3 and give transformers' logits (same tolerance)."""
+    """Qwen3 (per-head q/k norms, head_dim != hidden / heads), OLMo-2 (post-norms; MLP only), Phi-3 (fused
+    qkv and gate_up, LongRoPE past 16 positions) and Granite (four multipliers) pruned to the same sizes in
+    every layer are written as llama.cpp's own architectures and give transformers' logits (same tolerance)."""
     model = _uniform(family, tiny_tokenizer, units, channels=20)
     if tied:
         model.config.tie_word_embeddings = True
         model.tie_weights()
     report = write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "f32")
     assert report["architecture"] == family
-    if family != "phi3":
+    if family in ("qwen3", "olmo2"):
         assert {b["n_ff"] for b in report["blocks"]} == {20}
     ids = torch.randint(3, len(tiny_tokenizer), (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -237,10 +237,11 @@ def test_uniform_families_run_as_their_own_llama_cpp_architecture(family, units,
     assert np.abs(got - expect).max() <= 1e-3 * np.abs(expect).max()
 
 
-def test_per_layer_qwen3_is_refused_with_the_way_out(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("family", ["qwen3", "granite"])
+def test_per_layer_sizes_refused_with_the_way_out(family, tmp_path, tiny_tokenizer):
     from bonsai.errors import BonsaiError
 
-    model = tiny_model("qwen3", vocab_size=len(tiny_tokenizer))
+    model = tiny_model(family, vocab_size=len(tiny_tokenizer))
     get_adapter(model).slice(GroupKey(1, MLP), torch.arange(10))
     with pytest.raises(BonsaiError, match="--allocation uniform"):
         write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "f32")
@@ -264,3 +265,12 @@ def test_per_layer_phi3_is_padded_exactly(tmp_path, tiny_tokenizer):
         expect = model(ids).logits[0].numpy()
     got = GGUFModel(tmp_path / "m.gguf", n_ctx=64).logits(ids[0].tolist())
     assert np.abs(got - expect).max() <= 1e-3 * np.abs(expect).max()
+
+
+def test_gemma_is_refused_in_one_line(tmp_path, tiny_tokenizer):
+    from bonsai.errors import BonsaiError
+
+    model = tiny_model("gemma2", vocab_size=len(tiny_tokenizer))
+    with pytest.raises(BonsaiError, match="not 'gemma2' yet"):
+        write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "f32")
+    assert not list(tmp_path.iterdir())

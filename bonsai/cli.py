@@ -246,6 +246,10 @@ def prune_cmd(
     probe_depths: int | None = typer.Option(None, "--probe-depths",
                                             help="probe selection: depths probed per layer group (default 1: one "
                                                  "sub-model per group, 2L per iteration)."),
+    candidate_multiple: float | None = typer.Option(None, "--candidate-multiple",
+                                                    help="Candidates per layer group and iteration: the lowest "
+                                                         "multiple x p_iter of its units by prior (default 2, the "
+                                                         "paper's; the rest are fixed)."),
     adaptive: bool | None = typer.Option(None, "--adaptive/--no-adaptive",
                                          help="paper selection: evaluate sub-models in rounds and stop an iteration "
                                               "once the units it would remove have settled (--samples the maximum)."),
@@ -321,8 +325,8 @@ def prune_cmd(
     from bonsai.prune.runner import PruneRun
 
     overrides = dict(model=model, sparsity=sparsity, method=method, prior=prior, p_iter=p_iter, samples=samples,
-                     probe_depths=probe_depths, adaptive=adaptive, adaptive_round=adaptive_round,
-                     adaptive_tol=adaptive_tol,
+                     probe_depths=probe_depths, candidate_multiple=candidate_multiple, adaptive=adaptive,
+                     adaptive_round=adaptive_round, adaptive_tol=adaptive_tol,
                      calib=calib, calib_samples=calib_samples, seqlen=seqlen, batch_size=batch_size,
                      regression=regression, selection=selection, compensate=compensate, per_parameter=per_parameter,
                      utility=utility, width_multiple=width_multiple, head_multiple=head_multiple,

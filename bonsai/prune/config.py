@@ -46,6 +46,7 @@ class PruneConfig:
     # spread over its units by their compensated errors) or paper (random unit masks, one regression
     # coefficient per unit)
     selection: str = "probe"
+    candidate_multiple: float = 2.0  # each group's candidates: the lowest multiple x p_iter of its units (paper: 2)
     probe_depths: int = 1  # probe: depths measured per group (1: its whole candidate set); --samples is the paper's
     # paper selection: evaluate in rounds and stop once the removal decision has converged (--samples the maximum)
     adaptive: bool = False
@@ -107,6 +108,9 @@ class PruneConfig:
             raise BonsaiError("--width-multiple and --head-multiple must be at least 1")
         if self.allocation not in ("global", "uniform"):
             raise BonsaiError(f"unknown --allocation {self.allocation!r}: choose global or uniform")
+        if not 1 <= self.candidate_multiple <= 1 / self.p_iter + 1e-9:
+            raise BonsaiError(f"--candidate-multiple must be in [1, 1/p_iter = {1 / self.p_iter:g}] "
+                              f"(got {self.candidate_multiple})")
         if self.probe_depths < 1:
             raise BonsaiError(f"--probe-depths must be at least 1 (got {self.probe_depths})")
         if self.adaptive and (self.selection != "paper" or self.method != "bonsai"):

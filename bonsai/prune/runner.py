@@ -141,9 +141,12 @@ class PruneRun:
         if not self.store.exists():
             raise BonsaiError(f"output folder {self.out} already exists and holds no bonsai run; pass --force to replace it")
         state = self.store.load()
-        if state.fingerprint != self.cfg.fingerprint():
-            diff = sorted(k for k in set(state.fingerprint) | set(self.cfg.fingerprint())
-                          if state.fingerprint.get(k) != self.cfg.fingerprint().get(k))
+        # settings added since the run was checkpointed count as their defaults (what that version did)
+        defaults = PruneConfig().to_dict()
+        stored = {**{k: defaults[k] for k in self.cfg.fingerprint() if k not in state.fingerprint}, **state.fingerprint}
+        if stored != self.cfg.fingerprint():
+            diff = sorted(k for k in set(stored) | set(self.cfg.fingerprint())
+                          if stored.get(k) != self.cfg.fingerprint().get(k))
             raise BonsaiError(f"{self.out} holds a run with other settings ({', '.join(diff)}); "
                               "pass --force to replace it or choose another --out")
         self.resuming = True
@@ -333,7 +336,7 @@ class PruneRun:
 
         def candidate_columns(key: GroupKey, errors: torch.Tensor) -> torch.Tensor:
             score = errors.numpy() if cfg.prior in NEEDS_GRAM else priors[key]
-            cand = torch.from_numpy(candidate_units(score, self.budget.unit_p_iter))
+            cand = torch.from_numpy(candidate_units(score, self.budget.unit_p_iter, cfg.candidate_multiple))
             width = self.adapter.unit_width(key)
             return (cand[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
 
@@ -354,7 +357,8 @@ class PruneRun:
             errors, self._compensation = self._gram_pass(self._recon_windows(t), priors)
             if cfg.prior in NEEDS_GRAM:
                 priors = dict(errors)
-        candidates = {str(k): candidate_units(priors[k], self.budget.unit_p_iter) for k in self.groups}
+        candidates = {str(k): candidate_units(priors[k], self.budget.unit_p_iter, cfg.candidate_multiple)
+                      for k in self.groups}
         cand_priors = [priors[k][candidates[str(k)]] for k in self.groups if len(candidates[str(k)])]
         total = sum(len(c) for c in cand_priors)
         n = cfg.samples if self._evaluates() else 0

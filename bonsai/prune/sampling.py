@@ -12,12 +12,13 @@ import math
 import numpy as np
 
 
-def candidate_units(prior: np.ndarray, p_iter: float) -> np.ndarray:
-    """Indices of the lowest-prior ceil(2 p_iter n) units (at least one when the group is not empty)."""
+def candidate_units(prior: np.ndarray, p_iter: float, multiple: float = 2.0) -> np.ndarray:
+    """Indices of the lowest-prior ceil(multiple x p_iter x n) units (at least one when the group is not empty);
+    the paper's multiple is 2 (the top 1 - 2 p_iter are fixed)."""
     n = len(prior)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    n_cand = min(n, max(1, math.ceil(2 * p_iter * n - 1e-9)))
+    n_cand = min(n, max(1, math.ceil(multiple * p_iter * n - 1e-9)))
     order = np.argsort(prior, kind="stable")
     return np.sort(order[:n_cand])
 

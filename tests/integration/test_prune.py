@@ -408,3 +408,20 @@ def test_adaptive_needs_the_paper_selection():
         PruneConfig(model="tiny", adaptive=True).validate()
     with pytest.raises(BonsaiError, match="even"):
         PruneConfig(model="tiny", adaptive=True, selection="paper", adaptive_round=5).validate()
+
+
+def test_runs_checkpointed_before_a_new_setting_existed_still_resume(tmp_path):
+    """A state written by a version without a setting resumes when that setting is at its default (what the
+    older version did), and is refused when it is not."""
+    from bonsai.errors import BonsaiError
+
+    kw = dict(model="tiny", sparsity=0.1, p_iter=0.1, samples=4, seqlen=32, calib_samples=2)
+    prune(tmp_path / "o", **kw)
+    path = tmp_path / "o" / ".bonsai" / "state.json"
+    state = json.loads(path.read_text())
+    del state["fingerprint"]["candidate_multiple"], state["fingerprint"]["adaptive"]
+    path.write_text(json.dumps(state))
+    _, report = prune(tmp_path / "o", **kw)  # finished: nothing to do, no refusal
+    assert report["totals"]["sparsity"] >= 0.1
+    with pytest.raises(BonsaiError, match="candidate_multiple"):
+        prune(tmp_path / "o", candidate_multiple=3.0, **kw)

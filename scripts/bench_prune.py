@@ -4,8 +4,13 @@
 Prints: time per sub-model evaluation vs a plain forward over the same tokens; peak memory of the
 prune steps vs a plain forward with the same batch (GPU: max allocated; CPU: peak RSS); the
 regression's share of an iteration's time; and the forward speedup of a model sliced to a sparsity.
+With `--cheaper`, three ways to make a sub-model cheaper, each as a ratio to a plain forward over the same
+tokens, measured side by side: (a) 4x more, 4x shorter windows at equal tokens; (b) one sub-model evaluated
+with its dropped units physically skipped (its kept rows and columns gathered by index_select into a
+functional forward) instead of zeroed by masks; (c) bfloat16 instead of float32 (CPU).
 
   python scripts/bench_prune.py --model tiny --seqlen 128 --windows 16 --batch-size 16
+  python scripts/bench_prune.py --model runs/models/smollm2-135m --seqlen 512 --windows 8 --batch-size 8 --cheaper
   python scripts/bench_prune.py --shape llama-2-7b --device cuda --dtype bfloat16 --seqlen 2048 --windows 8
 """
 
@@ -78,6 +83,92 @@ def build(args, device, dtype):
     return load_model(args.model, dtype=dtype, device=str(device))
 
 
+def skipped_params(model, adapter, full: dict, row: int) -> dict:
+    """The weights of sub-model `row` with its dropped units physically gone: kept rows of q/k/v and the MLP
+    inputs, kept columns of the output projections (index_select; LLaMA-style separate projections)."""
+    names = {m: n for n, m in model.named_modules()}
+    params = {}
+    for key, mask in full.items():
+        keep = torch.nonzero(mask[row]).flatten().to(next(model.parameters()).device)
+        if key.kind == "attention":
+            spec = adapter.attention(key.layer)
+            q_rows = (keep[:, None] * spec.unit_width + torch.arange(spec.unit_width, device=keep.device)).flatten()
+            kv_rows = (keep[:, None] * spec.head_dim + torch.arange(spec.head_dim, device=keep.device)).flatten()
+            for lin, rows in ((spec.q, q_rows), (spec.k, kv_rows), (spec.v, kv_rows)):
+                params[names[lin] + ".weight"] = lin.weight.index_select(0, rows)
+            params[names[spec.out] + ".weight"] = spec.out.weight.index_select(1, q_rows)
+        else:
+            spec = adapter.mlp(key.layer)
+            for lin in spec.inputs:
+                params[names[lin] + ".weight"] = lin.weight.index_select(0, keep)
+            params[names[spec.out] + ".weight"] = spec.out.weight.index_select(1, keep)
+    return params
+
+
+def cheaper_submodels(model, adapter, keys, windows, full, args, device, t_plain: float, per_sub: float) -> dict:
+    """(a) shorter windows at equal tokens, (b) dropped units skipped instead of masked, (c) bf16 vs fp32."""
+    from torch.func import functional_call
+
+    from bonsai.eval.perplexity import window_nll
+    from bonsai.prune.evaluate import SubModelEvaluator
+
+    out = {}
+    n_sub = len(next(iter(full.values())))
+    # (a) the same tokens as 4x more windows of a quarter of the length
+    short = windows.reshape(windows.shape[0] * 4, windows.shape[1] // 4)
+    t_plain_short, _ = timed(lambda: window_nll(model, short, args.batch_size * 4), device)
+    ev = SubModelEvaluator(model, adapter, keys, short, full, args.batch_size * 4)
+    t_eval_short, _ = timed(lambda: ev.evaluate(list(range(n_sub))), device, repeats=1)
+    out["short_windows"] = {"plain_forward_s": t_plain_short, "per_submodel_s": t_eval_short / n_sub,
+                            "plain_ratio_to_long": t_plain_short / t_plain,
+                            "submodel_ratio_to_long": (t_eval_short / n_sub) / per_sub,
+                            "submodel_over_forward": (t_eval_short / n_sub) / t_plain}
+    # (b) one sub-model alone: masked (rows of one sub-model per batch) vs its units physically skipped
+    ev1 = SubModelEvaluator(model, adapter, keys, windows, full, args.batch_size)
+    t_masked, (u_masked, _) = timed(lambda: ev1.evaluate([0]), device)
+
+    def skipped():
+        params = skipped_params(model, adapter, full, 0)
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(windows), args.batch_size):
+                batch = windows[start:start + args.batch_size].to(device)
+                logits = functional_call(model, params, (batch,)).logits[:, :-1].float()
+                nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                         batch[:, 1:].reshape(-1), reduction="sum").item()
+                count += batch[:, 1:].numel()
+        return -nll / count
+
+    t_gather, _ = timed(lambda: skipped_params(model, adapter, full, 0), device)
+    t_skipped, u_skipped = timed(skipped, device)
+    out["skipped"] = {"masked_s": t_masked, "skipped_s": t_skipped, "gather_s": t_gather,
+                      "skipped_over_masked": t_skipped / t_masked, "masked_over_forward": t_masked / t_plain,
+                      "skipped_over_forward": t_skipped / t_plain,
+                      "utility_masked": float(u_masked[0]), "utility_skipped": float(u_skipped),
+                      "kept_share": float(np.mean([m[0].float().mean().item() for m in full.values()]))}
+    # (c) bf16 against fp32 for a plain forward (CPU only: on GPUs bf16 is the default)
+    if device.type == "cpu":
+        dtype = next(model.parameters()).dtype
+        times = {}
+        for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            model.to(dt)
+            window_nll(model, windows[: args.batch_size], args.batch_size)
+            times[name], _ = timed(lambda: window_nll(model, windows, args.batch_size), device)
+        model.to(dtype)
+        out["bf16_over_fp32"] = times["bfloat16"] / times["float32"]
+        out["fp32_s"], out["bf16_s"] = times["float32"], times["bfloat16"]
+    a, b = out["short_windows"], out["skipped"]
+    print(f"(a) 4x shorter windows, same tokens: plain forward {a['plain_ratio_to_long']:.2f}x, sub-model "
+          f"{a['submodel_ratio_to_long']:.2f}x the long-window times ({a['submodel_over_forward']:.2f}x a plain "
+          f"long-window forward)")
+    print(f"(b) one sub-model ({b['kept_share']:.1%} of units kept): masked {b['masked_over_forward']:.2f}x, skipped "
+          f"{b['skipped_over_forward']:.2f}x a plain forward (gather {b['gather_s']:.3f} s); skipped / masked "
+          f"{b['skipped_over_masked']:.2f}x; utilities {b['utility_masked']:.5f} vs {b['utility_skipped']:.5f}")
+    if "bf16_over_fp32" in out:
+        print(f"(c) bfloat16 / float32 plain forward on this CPU: {out['bf16_over_fp32']:.2f}x")
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
@@ -91,6 +182,7 @@ def main():
     p.add_argument("--samples", type=int, default=200, help="sub-models per iteration, for the regression share")
     p.add_argument("--p-iter", type=float, default=0.05)
     p.add_argument("--speedup-sparsity", type=float, default=0.5)
+    p.add_argument("--cheaper", action="store_true", help="also measure the three cheaper sub-model evaluations")
     p.add_argument("--json")
     args = p.parse_args()
 
@@ -150,6 +242,9 @@ def main():
         "regression_share": t_reg / t_iter, "iteration_estimate_s": t_iter,
         "peak_mem_forward": mem_plain, "peak_mem_prune": mem_prune, "mem_ratio": mem_prune / mem_plain,
     })
+
+    if args.cheaper:
+        res["cheaper"] = cheaper_submodels(model, adapter, keys, windows, full, args, device, t_plain, per_sub)
 
     # 3. forward speedup of a model sliced to --speedup-sparsity (uniform per layer)
     for k in groups:

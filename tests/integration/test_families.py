@@ -90,3 +90,25 @@ def test_empty_attention_layer_in_gemma2_keeps_the_post_norm_path(tmp_path):
     out = save_pruned(model, None, tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(load_model(str(out), device="cpu")(ids).logits, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "granite", "phi3"])
+def test_uniform_prune_exports_to_llama_cpp(family, checkpoints, tmp_path, tiny_tokenizer):
+    """`bonsai prune --allocation uniform` then the GGUF writer: llama.cpp runs the family's own architecture and
+    its logits equal those of the saved model reloaded by bonsai (the export tests' tolerance)."""
+    pytest.importorskip("llama_cpp")
+    import numpy as np
+
+    from bonsai.export.gguf import write_gguf
+    from bonsai.export.llamacpp import GGUFModel
+
+    cfg = PruneConfig(model=str(checkpoints[family]), sparsity=0.3, p_iter=0.15, allocation="uniform", **FAST).validate()
+    PruneRun(cfg, tmp_path / "out").run()
+    model = load_model(str(tmp_path / "out"), dtype="float32", device="cpu")
+    report = write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "f32")
+    assert report["architecture"] == family
+    ids = torch.randint(3, len(tiny_tokenizer), (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expect = model(ids).logits[0].numpy()
+    got = GGUFModel(tmp_path / "m.gguf", n_ctx=64).logits(ids[0].tolist())
+    assert np.abs(got - expect).max() <= 1e-3 * np.abs(expect).max()

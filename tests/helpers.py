@@ -76,3 +76,32 @@ def tiny_model(family: str, attn: str = "eager", seed: int = 0, **overrides):
 FAMILIES = ["llama", "llama-gqa", "mistral", "qwen2", "phi", "qwen3", "gemma", "gemma2", "gemma3", "granite", "olmo2", "phi3"]
 # families whose attention heads cannot be removed exactly (MLP channels only)
 MLP_ONLY = {"olmo2"}
+
+
+def sentencepiece_style_tokenizer(folder, metaspace: bool = False):
+    """A LLaMA-2-style tokenizer.json (BPE with byte fallback over "▁"-marked words, <unk> <s> </s> and the 256
+    byte tokens first), trained on the shipped KJV text: what a SentencePiece vocabulary looks like to
+    transformers. `metaspace`: the newer form (Metaspace pre-tokenizer instead of the Prepend/Replace normalizer)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from bonsai.data.sources import load_text
+
+    lines = [line for line in load_text("kjv", "train").text[:300000].splitlines() if line.strip()]
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=700, show_progress=False, limit_alphabet=150,
+                                  special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)])
+    tok.train_from_iterator(lines, trainer)
+    if metaspace:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    else:
+        tok.pre_tokenizer = None
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    return fast

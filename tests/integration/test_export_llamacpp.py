@@ -274,3 +274,27 @@ def test_gemma_is_refused_in_one_line(tmp_path, tiny_tokenizer):
     with pytest.raises(BonsaiError, match="not 'gemma2' yet"):
         write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "f32")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("metaspace", [False, True])
+def test_sentencepiece_style_vocabulary_tokenises_and_runs_as_in_transformers(metaspace, tmp_path):
+    """A byte-fallback BPE (LLaMA-2 / Mistral style) becomes llama.cpp's SentencePiece vocabulary: the same
+    token ids on held-out text with accents, symbols, digits and runs of spaces, and, on a pruned model
+    exported as `deci`, the same logits."""
+    from helpers import sentencepiece_style_tokenizer
+
+    from bonsai.data.sources import load_text
+
+    tok = sentencepiece_style_tokenizer(tmp_path / "tok", metaspace=metaspace)
+    model = _pruned("llama-gqa", tok, refit=True)
+    model.config.bos_token_id, model.config.eos_token_id = 1, 2
+    report = write_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    assert report["architecture"] == "deci"
+    gm = GGUFModel(tmp_path / "m.gguf", n_ctx=128)
+    sample = load_text("austen", "test").text[:20000] + TEXT + " naïve café ✓  two  spaces\n\nend"
+    assert gm.tokenize(sample) == tok(sample, add_special_tokens=False)["input_ids"]
+    assert gm.tokenize("Hello world", add_special=True) == tok("Hello world")["input_ids"]
+    ids = tok(sample, add_special_tokens=False)["input_ids"][:96]
+    with torch.no_grad():
+        expect = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(gm.logits(ids) - expect).max() <= 1e-3 * np.abs(expect).max()

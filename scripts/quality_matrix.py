@@ -46,6 +46,11 @@ for family in ("llama", "mistral", "phi"):
         prune=["--calib", "austen", "--seqlen", "128", "--reconstruct-samples", "64", "--batch-size", "16"],
         budget=["--calib-samples", "16", "--samples", "64", "--p-iter", "0.1"],
         eval=["--seqlen", "256", "--batch-size", "16"])
+# the shipped tiny LLaMA (trained on the KJV), calibrated and tested on the KJV's own splits
+MODELS["tiny-kjv"] = dict(path="bonsai/assets/tiny-llama", fetch=[], text="kjv", task="kjv_cloze",
+                          prune=["--calib", "kjv", "--seqlen", "128", "--reconstruct-samples", "64", "--batch-size", "16"],
+                          budget=["--calib-samples", "16", "--samples", "64", "--p-iter", "0.1"],
+                          eval=["--seqlen", "256", "--batch-size", "16"])
 
 # Methods: bonsai's default, the paper's algorithm and ablations, and the baselines.
 VARIANTS = {
@@ -58,7 +63,7 @@ VARIANTS = {
     "flap": ["--method", "flap"],
 }
 BASELINES = ("llm-pruner", "flap")
-TASK = "austen_cloze"
+TASK = "austen_cloze"  # the cloze task of a model's text (a spec's "task" overrides)
 
 
 def cell_id(model: str, variant: str, reconstruct: str, sparsity: float, seed: int) -> str:
@@ -87,7 +92,8 @@ def run_cell(model: str, variant: str, reconstruct: str, sparsity: float, seed: 
         raise RuntimeError(f"{' '.join(prune)}\n{done.stderr[-2000:]}")
     report = json.loads((folder / "report.json").read_text())
     seconds = report["totals"].get("wall_seconds") or (time.time() - start)
-    ev = [sys.executable, "-m", "bonsai", "eval", "austen" + (f",{TASK}" if tasks else ""), "--model", str(folder),
+    text, task = spec.get("text", "austen"), spec.get("task", TASK)
+    ev = [sys.executable, "-m", "bonsai", "eval", text + (f",{task}" if tasks else ""), "--model", str(folder),
           *spec["eval"], "--json", str(folder / "eval.json")]
     if tasks:
         ev += ["--include-path", str(ROOT / "tests" / "tasks")]
@@ -95,11 +101,12 @@ def run_cell(model: str, variant: str, reconstruct: str, sparsity: float, seed: 
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(ev)}\n{done.stderr[-2000:]}")
     result = json.loads((folder / "eval.json").read_text())
-    ppl = result["perplexity"]["austen"]["ppl"] if "perplexity" in result else result["ppl"]
-    acc = result.get("tasks", {}).get(TASK, {}).get("acc") if tasks else None
+    ppl = result["perplexity"][text]["ppl"] if "perplexity" in result else result["ppl"]
+    acc = result.get("tasks", {}).get(task, {}).get("acc") if tasks else None
     totals = report["totals"]
     return dict(model=model, variant=variant, reconstruct=reconstruct, sparsity=sparsity, seed=seed, ppl=ppl, acc=acc,
                 prune_seconds=seconds, sparsity_reached=totals["sparsity"], extra=extra,
+                sub_models=sum(h.get("sub_models") or 0 for h in report.get("iterations", [])),
                 attention_units=report.get("attention_units") or (report["iterations"][-1]["attention_units"]
                                                                     if report.get("iterations") else None),
                 mlp_units=report.get("mlp_units") or (report["iterations"][-1]["mlp_units"]
@@ -110,7 +117,7 @@ def parent_ppl(model: str, out: Path) -> float:
     cache = out / f"parent-{model}.json"
     if not cache.exists():
         spec = MODELS[model]
-        subprocess.run([sys.executable, "-m", "bonsai", "eval", "austen", "--model", str(ROOT / spec["path"]), *spec["eval"],
+        subprocess.run([sys.executable, "-m", "bonsai", "eval", spec.get("text", "austen"), "--model", str(ROOT / spec["path"]), *spec["eval"],
                         "--json", str(cache)], check=True, capture_output=True, cwd=ROOT)
     return json.loads(cache.read_text())["ppl"]
 
@@ -135,8 +142,9 @@ def report(results: list[dict], out: Path, models: list[str]) -> str:
             continue
         parent = parent_ppl(model, out)
         lines += [f"### {model} (parent perplexity {parent:.2f})", "",
-                  "| method | reconstruct | sparsity | seeds | test ppl | x parent | x best baseline | cloze acc | prune s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| method | reconstruct | sparsity | seeds | test ppl | x parent | x best baseline | cloze acc | prune s "
+                  "| sub-models |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         cells: dict[tuple, list[dict]] = {}
         for r in rows:
             cells.setdefault((r["variant"], r["reconstruct"], r["sparsity"]), []).append(r)
@@ -146,7 +154,8 @@ def report(results: list[dict], out: Path, models: list[str]) -> str:
             ratio = f"{statistics.mean(ppl) / min(best):.2f}" if best else "–"
             accs = [r["acc"] for r in rs if r.get("acc") is not None]
             lines.append(f"| {variant} | {recon} | {sp:g} | {len(rs)} | {fmt(ppl)} | {statistics.mean(ppl) / parent:.2f} | "
-                         f"{ratio} | {fmt(accs, 3)} | {statistics.mean(r['prune_seconds'] for r in rs):.0f} |")
+                         f"{ratio} | {fmt(accs, 3)} | {statistics.mean(r['prune_seconds'] for r in rs):.0f} | "
+                         f"{fmt(subs, 0) if (subs := [r['sub_models'] for r in rs if r.get('sub_models')]) else '–'} |")
         lines.append("")
     return "\n".join(lines)
 

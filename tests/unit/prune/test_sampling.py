@@ -56,3 +56,14 @@ def test_probe_masks_drop_one_group_at_each_depth():
         local = dropped - offsets[group]
         order = np.argsort(priors[group], kind="stable")
         assert set(local) == set(order[:len(local)])  # its lowest-prior candidates
+
+
+def test_candidate_multiple_widens_the_pool_by_prior():
+    import numpy as np
+
+    from bonsai.prune.sampling import candidate_units
+
+    prior = np.array([5.0, 1.0, 4.0, 2.0, 3.0, 9.0, 8.0, 7.0, 6.0, 0.5])
+    assert list(candidate_units(prior, 0.1)) == [1, 9]  # the paper's 2 x p_iter: the two lowest
+    assert list(candidate_units(prior, 0.1, multiple=4)) == [1, 3, 4, 9]  # four lowest, in index order
+    assert len(candidate_units(prior, 0.1, multiple=10)) == 10

@@ -190,3 +190,50 @@ def test_non_finite_statistics_stop_with_a_clear_error():
     G[0, 0] = float("inf")
     with pytest.raises(BonsaiError, match="non-finite activation statistics"):
         refit_projection(W, None, G, s, n, torch.arange(6), "lstsq")
+
+
+def test_targeted_refit_fits_given_outputs_with_the_same_damping():
+    """With targets Y (e.g. the parent's outputs): min ||Y - W' X_S - b'||^2 + lam ||W' - W_S||^2, as an
+    augmented least squares; targets equal to the layer's own output give the default refit."""
+    X, W, b = _problem(3)
+    g = torch.Generator().manual_seed(9)
+    Y = X @ torch.randn(W.shape[1], W.shape[0], generator=g, dtype=X.dtype) + 0.3  # another layer's outputs
+    keep = torch.tensor([0, 1, 4, 5, 9])
+    G, s, n = _stats(X)
+    damp = 0.02
+    lam = damp * G.diagonal().mean()
+    fit = refit_projection(W, b, G, s, n, keep, "lstsq", damp=damp, cross=Y.T @ X, target_sum=Y.sum(0))
+    ones = torch.ones(n, 1, dtype=X.dtype)
+    A = torch.cat([torch.cat([X[:, keep], ones], 1),
+                   torch.cat([lam.sqrt() * torch.eye(len(keep), dtype=X.dtype), torch.zeros(len(keep), 1, dtype=X.dtype)], 1)])
+    T = torch.cat([Y, lam.sqrt() * W[:, keep].T])
+    expect = torch.linalg.lstsq(A, T).solution.T
+    torch.testing.assert_close(fit.weight, expect[:, :-1], atol=1e-9, rtol=0)
+    torch.testing.assert_close(fit.bias, expect[:, -1], atol=1e-9, rtol=0)
+    own = X @ W.T + b
+    same = refit_projection(W, b, G, s, n, keep, "lstsq", damp=damp, cross=own.T @ X, target_sum=own.sum(0))
+    plain = refit_projection(W, b, G, s, n, keep, "lstsq", damp=damp)
+    torch.testing.assert_close(same.weight, plain.weight, atol=1e-9, rtol=0)
+    torch.testing.assert_close(same.bias, plain.bias, atol=1e-9, rtol=0)
+
+
+def test_parent_targets_line_up_with_the_refit_tokens(tiny_tokenizer):
+    """capture_targets reads the outputs in the order the refit's statistics see the tokens: when the last
+    layer loses an MLP channel, its attention (nothing removed, inputs unchanged) is refit exactly towards its
+    own captured outputs and comes back unchanged; misaligned tokens would move it."""
+    from bonsai.reconstruct import capture_targets
+
+    model = tiny_model("llama-gqa", vocab_size=len(tiny_tokenizer)).double()
+    adapter = get_adapter(model)
+    windows = torch.randint(0, len(tiny_tokenizer), (6, 16), generator=torch.Generator().manual_seed(0))
+    targets = capture_targets(model, adapter, windows, batch_size=4, dtype=torch.float64)
+    last = adapter.num_layers - 1
+    attn = adapter.output_projection(GroupKey(last, ATTENTION)).weight.detach().clone()
+    keep = {GroupKey(last, MLP): torch.arange(1, adapter.group_size(GroupKey(last, MLP)))}
+    report = remove_units(model, adapter, keep, windows, "lstsq", damp=0.0, batch_size=3, targets=targets)
+    assert str(GroupKey(last, ATTENTION)) in report.groups  # refit although it lost nothing
+    torch.testing.assert_close(adapter.output_projection(GroupKey(last, ATTENTION)).weight, attn, atol=1e-6, rtol=0)
+    shuffled = {k: v.flip(0) for k, v in targets.items()}
+    remove_units(model, adapter, {GroupKey(last, MLP): torch.arange(1, adapter.group_size(GroupKey(last, MLP)))},
+                 windows, "lstsq", damp=0.0, batch_size=3, targets=shuffled)
+    assert (adapter.output_projection(GroupKey(last, ATTENTION)).weight - attn).abs().max() > 1e-3

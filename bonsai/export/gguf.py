@@ -341,14 +341,15 @@ def write_gguf(model, tokenizer, out: Path, dtype: str, source: str = "", allow_
         raise BonsaiError(f"unknown --dtype {dtype!r} for gguf: choose from {', '.join(DTYPES)}")
     if dtype in K_QUANTS:
         return _write_k_quant(model, tokenizer, Path(out), dtype, source, allow_fallback)
-    from bonsai.export.gguf_native import NATIVE, write_granite, write_native, write_phi3
+    from bonsai.export.gguf_native import GEMMA_ARCH, NATIVE, write_gemma, write_granite, write_native, write_phi3
 
     adapter = get_adapter(model)
     model_type = model.config.model_type
     if model_type not in (*LLAMA_LIKE, "phi", *NATIVE):
         raise BonsaiError(f"GGUF export supports {', '.join((*LLAMA_LIKE, 'phi', *NATIVE))}; not {model_type!r} yet")
     layout = (_write_llama if model_type in LLAMA_LIKE else _write_phi if model_type == "phi"
-              else write_phi3 if model_type == "phi3" else write_granite if model_type == "granite" else write_native)
+              else write_phi3 if model_type == "phi3" else write_granite if model_type == "granite"
+              else write_gemma if model_type in GEMMA_ARCH else write_native)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")

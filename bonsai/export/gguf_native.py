@@ -12,6 +12,12 @@ zero value adds nothing, and a zero gate row gives SiLU(0) = 0), so only the MLP
 carry over; the report gives the overhead. LongRoPE goes as llama.cpp's long/short factor tensors and
 attention factor; llama.cpp picks the long factors by context size, transformers by sequence length.
 
+Gemma 1/2/3 (text) become `gemma`, `gemma2`, `gemma3` (uniform sizes only): norms stored as 1 + w (Gemma's
+RMSNorm), the per-layer sliding/global pattern written as an array from the config's layer types, Gemma-2's
+soft-capping, Gemma-3's local rotary base. llama.cpp scales queries by 1/sqrt(head_dim) (27B: by the hidden
+size over the head count) where transformers uses query_pre_attn_scalar^-1/2: the ratio is folded into the
+query weights (Gemma-3: into its q-norm, which comes after them).
+
 Granite is LLaMA's layout (q/k permuted to llama.cpp's rotary pairs) plus its four scalar multipliers, and like
 Qwen3 needs the same sizes in every layer.
 
@@ -29,7 +35,8 @@ from bonsai.adapters.base import ArchAdapter
 from bonsai.errors import BonsaiError
 from bonsai.export.gguf import TensorSink, _np, _rope_keys
 
-NATIVE = ("qwen3", "olmo2", "phi3", "granite")
+NATIVE = ("qwen3", "olmo2", "phi3", "granite", "gemma", "gemma2", "gemma3_text")
+GEMMA_ARCH = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 ZERO_MLP_WIDTH = 32
 
 
@@ -221,4 +228,108 @@ def write_granite(writer_factory, model, adapter: ArchAdapter, dtype: str, repor
 
     sink = _write_llama(granite, model, adapter, dtype, report)
     report["architecture"] = "granite"
+    return sink
+
+
+def _llama_cpp_gemma_scale(arch: str, n_layer: int, d: int, n_head: int, head_dim: int) -> float:
+    """The query scale llama.cpp's gemma2/gemma3 use (their load_arch_hparams: 27B by layer count)."""
+    big = (arch == "gemma2" and n_layer == 46) or (arch == "gemma3" and n_layer == 62)
+    return 1.0 / math.sqrt(d / n_head if big else head_dim)
+
+
+def write_gemma(writer_factory, model, adapter: ArchAdapter, dtype: str, report: dict) -> TensorSink:
+    """Gemma 1/2/3 (text) as llama.cpp's gemma/gemma2/gemma3, for models with the same sizes in every layer."""
+    config, model_type = model.config, model.config.model_type
+    arch = GEMMA_ARCH[model_type]
+    units, channels = uniform_sizes(adapter, model_type)
+    _no_biases(adapter, model_type)
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    if act != "gelu_pytorch_tanh":
+        raise BonsaiError(f"llama.cpp's {arch} uses the tanh GELU; this model's activation is {act!r}")
+    att0 = adapter.attention(0)
+    head_dim, n_head = att0.head_dim, units * att0.queries_per_kv
+    d, n_layer = int(config.hidden_size), adapter.num_layers
+    writer = writer_factory(arch)
+    sink = TensorSink(writer, dtype)
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    full = params.get("full_attention", params)
+    local = params.get("sliding_attention", full)
+    for name, rope in (("global", full), ("local", local)):
+        if (rope.get("rope_type") or "default") not in ("default", "linear"):
+            raise BonsaiError(f"{model_type} {name} rope scaling {rope.get('rope_type')!r} has no GGUF form in bonsai's "
+                              "exporter yet")
+    if (local.get("rope_type") or "default") != "default":
+        raise BonsaiError(f"{model_type}: scaled rotary on the sliding layers has no llama.cpp form")
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(d)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(channels)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(units)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(config.vocab_size))
+    writer.add_rope_freq_base(float(full.get("rope_theta", 10000.0)))
+    if (full.get("rope_type") or "default") == "linear":
+        writer.add_rope_scaling_type(sink.gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(full["factor"]))
+    scale = 1.0
+    if arch in ("gemma2", "gemma3"):
+        layer_types = list(getattr(config, "layer_types", None) or [])
+        if len(layer_types) != n_layer:
+            raise BonsaiError(f"{model_type}: the config has no per-layer attention types to write")
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+        if arch == "gemma3":
+            writer.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
+        caps = {"attention": getattr(config, "attn_logit_softcapping", None),
+                "final": getattr(config, "final_logit_softcapping", None)}
+        if arch == "gemma2":
+            if caps["attention"] is None or caps["final"] is None:
+                raise BonsaiError("llama.cpp's gemma2 always soft-caps attention and logits; this Gemma-2 turns "
+                                  "soft-capping off")
+            writer.add_attn_logit_softcapping(float(caps["attention"]))
+        elif caps["attention"] is not None:
+            raise BonsaiError("llama.cpp's gemma3 has no attention soft-capping; this Gemma-3 sets it")
+        if caps["final"] is not None:
+            writer.add_final_logit_softcapping(float(caps["final"]))
+        qpas = float(getattr(config, "query_pre_attn_scalar", head_dim) or head_dim)
+        scale = (qpas ** -0.5) / _llama_cpp_gemma_scale(arch, n_layer, d, n_head, head_dim)
+
+    def norm(module) -> np.ndarray:  # Gemma's RMSNorm multiplies by 1 + w
+        return _np(module.weight) + 1.0
+
+    sink.add("token_embd.weight", _np(model.get_input_embeddings().weight))
+    sink.add("output_norm.weight", norm(model.model.norm))
+    out = model.get_output_embeddings()
+    if out.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        if arch != "gemma3":
+            raise BonsaiError(f"llama.cpp's {arch} reuses the token embeddings as the output layer; this model's "
+                              "output layer is untied")
+        sink.add("output.weight", _np(out.weight))
+    for i in range(n_layer):
+        layer, att, mlp = adapter.layers()[i], adapter.attention(i), adapter.mlp(i)
+        p = f"blk.{i}"
+        q = _np(att.q.weight)
+        sink.add(f"{p}.attn_norm.weight", norm(layer.input_layernorm))
+        if arch == "gemma3":  # the q-norm follows q_proj: scale its output instead
+            sink.add(f"{p}.attn_q_norm.weight", norm(att.module.q_norm) * scale)
+            sink.add(f"{p}.attn_k_norm.weight", norm(att.module.k_norm))
+        else:
+            q = q * scale
+        sink.add(f"{p}.attn_q.weight", q)
+        sink.add(f"{p}.attn_k.weight", _np(att.k.weight))
+        sink.add(f"{p}.attn_v.weight", _np(att.v.weight))
+        sink.add(f"{p}.attn_output.weight", _np(att.out.weight))
+        _mlp(sink, p, mlp)
+        if arch == "gemma":
+            sink.add(f"{p}.ffn_norm.weight", norm(layer.post_attention_layernorm))
+        else:
+            sink.add(f"{p}.post_attention_norm.weight", norm(layer.post_attention_layernorm))
+            sink.add(f"{p}.ffn_norm.weight", norm(layer.pre_feedforward_layernorm))
+            sink.add(f"{p}.post_ffw_norm.weight", norm(layer.post_feedforward_layernorm))
+    report.update(architecture=arch, padded=[], removed_layers=[], query_scale_folded=scale,
+                  blocks=[{"source": i, "n_head": n_head, "n_head_kv": units, "n_ff": channels} for i in range(n_layer)])
     return sink

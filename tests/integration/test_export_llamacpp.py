@@ -216,12 +216,14 @@ def _uniform(family, tokenizer, units: int | None, channels: int):
     return model
 
 
-@pytest.mark.parametrize("family,units", [("qwen3", 1), ("olmo2", None), ("phi3", 1), ("granite", 1)])
+@pytest.mark.parametrize("family,units", [("qwen3", 1), ("olmo2", None), ("phi3", 1), ("granite", 1), ("gemma", 1),
+                                           ("gemma2", 1), ("gemma3", 1)])
 @pytest.mark.parametrize("tied", [False, True])
 def test_uniform_families_run_as_their_own_llama_cpp_architecture(family, units, tied, tmp_path, tiny_tokenizer):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), OLMo-2 (post-norms; MLP only), Phi-3 (fused
-    qkv and gate_up, LongRoPE past 16 positions) and Granite (four multipliers) pruned to the same sizes in
-    every layer are written as llama.cpp's own architectures and give transformers' logits (same tolerance)."""
+    qkv and gate_up, LongRoPE past 16 positions), Granite (four multipliers) and Gemma 1/2/3 (1 + w norms,
+    sliding layers with a 6-token window on 20 tokens, soft-capping, query_pre_attn_scalar != head_dim) pruned to
+    the same sizes in every layer are written as llama.cpp's own architectures and give transformers' logits."""
     model = _uniform(family, tiny_tokenizer, units, channels=20)
     if tied:
         model.config.tie_word_embeddings = True
@@ -237,7 +239,7 @@ def test_uniform_families_run_as_their_own_llama_cpp_architecture(family, units,
     assert np.abs(got - expect).max() <= 1e-3 * np.abs(expect).max()
 
 
-@pytest.mark.parametrize("family", ["qwen3", "granite"])
+@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma2"])
 def test_per_layer_sizes_refused_with_the_way_out(family, tmp_path, tiny_tokenizer):
     from bonsai.errors import BonsaiError
 
@@ -267,34 +269,11 @@ def test_per_layer_phi3_is_padded_exactly(tmp_path, tiny_tokenizer):
     assert np.abs(got - expect).max() <= 1e-3 * np.abs(expect).max()
 
 
-def test_gemma_is_refused_in_one_line(tmp_path, tiny_tokenizer):
+def test_untied_gemma2_is_refused_in_one_line(tmp_path, tiny_tokenizer):
     from bonsai.errors import BonsaiError
 
-    model = tiny_model("gemma2", vocab_size=len(tiny_tokenizer))
-    with pytest.raises(BonsaiError, match="not 'gemma2' yet"):
+    model = tiny_model("gemma2", vocab_size=len(tiny_tokenizer), tie_word_embeddings=False)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    with pytest.raises(BonsaiError, match="untied"):
         write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "f32")
     assert not list(tmp_path.iterdir())
-
-
-@pytest.mark.parametrize("metaspace", [False, True])
-def test_sentencepiece_style_vocabulary_tokenises_and_runs_as_in_transformers(metaspace, tmp_path):
-    """A byte-fallback BPE (LLaMA-2 / Mistral style) becomes llama.cpp's SentencePiece vocabulary: the same
-    token ids on held-out text with accents, symbols, digits and runs of spaces, and, on a pruned model
-    exported as `deci`, the same logits."""
-    from helpers import sentencepiece_style_tokenizer
-
-    from bonsai.data.sources import load_text
-
-    tok = sentencepiece_style_tokenizer(tmp_path / "tok", metaspace=metaspace)
-    model = _pruned("llama-gqa", tok, refit=True)
-    model.config.bos_token_id, model.config.eos_token_id = 1, 2
-    report = write_gguf(model, tok, tmp_path / "m.gguf", "f32")
-    assert report["architecture"] == "deci"
-    gm = GGUFModel(tmp_path / "m.gguf", n_ctx=128)
-    sample = load_text("austen", "test").text[:20000] + TEXT + " naïve café ✓  two  spaces\n\nend"
-    assert gm.tokenize(sample) == tok(sample, add_special_tokens=False)["input_ids"]
-    assert gm.tokenize("Hello world", add_special=True) == tok("Hello world")["input_ids"]
-    ids = tok(sample, add_special_tokens=False)["input_ids"][:96]
-    with torch.no_grad():
-        expect = model(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(gm.logits(ids) - expect).max() <= 1e-3 * np.abs(expect).max()

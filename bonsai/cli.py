@@ -308,11 +308,6 @@ def prune_cmd(
                                                   help="lstsq damping, relative to the Gram matrix's mean diagonal (0.01)."),
     reconstruct_samples: int | None = typer.Option(None, "--reconstruct-samples",
                                                    help="Calibration windows for the refit (default: --calib-samples)."),
-    refit_target: str | None = typer.Option(None, "--refit-target",
-                                            help="lstsq refit towards each layer's current output (current, "
-                                                 "default) or the parent's, captured once on fixed windows "
-                                                 "(parent: corrects the drift of earlier layers; holds the "
-                                                 "parent's projection outputs on CPU and disk)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the run's cost (iterations, sub-models, forward "
                                                           "tokens, time from a timing probe, peak memory) and stop."),
@@ -342,8 +337,7 @@ def prune_cmd(
                      llmp_layer_start=llmp_layer_start, llmp_layer_end=llmp_layer_end,
                      global_ranking=global_ranking or None, besa_granularity=besa_granularity, besa_levels=besa_levels,
                      besa_epochs=besa_epochs, besa_lr=besa_lr, besa_penalty=besa_penalty, besa_wbits=besa_wbits,
-                     reconstruct=reconstruct, reconstruct_damp=reconstruct_damp, reconstruct_samples=reconstruct_samples,
-                     refit_target=refit_target)
+                     reconstruct=reconstruct, reconstruct_damp=reconstruct_damp, reconstruct_samples=reconstruct_samples)
     cfg = build_config(config, overrides)
     if model is None and config is None:
         raise BonsaiError("--model is required (or a --config that names one)")

@@ -45,17 +45,12 @@ def gram_dtype(device: torch.device) -> torch.dtype:
 
 
 class GramStats:
-    """Running G = sum x x^T, s = sum x and n over tokens at the input of some linears (forward pre-hooks).
-    With `targets` (group -> (tokens, out) outputs the projection should produce, in the order the tokens pass),
-    also C = sum y x^T and sum y against those targets (the parent-target refit)."""
+    """Running G = sum x x^T, s = sum x and n over tokens at the input of some linears (forward pre-hooks)."""
 
-    def __init__(self, linears: dict[GroupKey, nn.Linear], targets: dict[GroupKey, torch.Tensor] | None = None):
+    def __init__(self, linears: dict[GroupKey, nn.Linear]):
         self.gram: dict[GroupKey, torch.Tensor] = {}
         self.sum: dict[GroupKey, torch.Tensor] = {}
         self.tokens: dict[GroupKey, int] = {}
-        self.cross: dict[GroupKey, torch.Tensor] = {}
-        self.target_sum: dict[GroupKey, torch.Tensor] = {}
-        self.targets = targets or {}
         self._handles = [lin.register_forward_pre_hook(partial(self._hook, key)) for key, lin in linears.items()]
 
     def _hook(self, key: GroupKey, module: nn.Linear, args) -> None:
@@ -67,16 +62,6 @@ class GramStats:
             self.gram[key] = torch.zeros(x.shape[-1], x.shape[-1], dtype=dtype, device=x.device)
             self.sum[key] = torch.zeros(x.shape[-1], dtype=dtype, device=x.device)
             self.tokens[key] = 0
-        if key in self.targets:
-            start = self.tokens[key]
-            y = self.targets[key][start:start + x.shape[0]].to(device=x.device, dtype=dtype)
-            if y.shape[0] != x.shape[0]:
-                raise BonsaiError(f"layer {key}: the refit targets hold fewer tokens than the refit windows")
-            if key not in self.cross:
-                self.cross[key] = torch.zeros(y.shape[1], x.shape[-1], dtype=dtype, device=x.device)
-                self.target_sum[key] = torch.zeros(y.shape[1], dtype=dtype, device=x.device)
-            self.cross[key].addmm_(y.t(), xd)
-            self.target_sum[key] += y.sum(0)
         self.gram[key].addmm_(xd.t(), xd)
         self.sum[key] += xd.sum(0)
         self.tokens[key] += x.shape[0]
@@ -130,15 +115,11 @@ def _damped_cholesky(a: torch.Tensor, weight_dims: int, damp: float, scale: floa
 
 def refit_projection(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, col_sum: torch.Tensor,
                      tokens: int, keep_cols: torch.Tensor, mode: str, damp: float = DEFAULT_DAMP,
-                     warn: Callable[[str], None] | None = None, where: str = "layer",
-                     cross: torch.Tensor | None = None, target_sum: torch.Tensor | None = None) -> Refit:
+                     warn: Callable[[str], None] | None = None, where: str = "layer") -> Refit:
     """Closed-form refit of a linear y = W x + b restricted to input columns `keep_cols` (see module doc).
 
-    By default the target is the layer's own current output W x + b. With `cross` = sum y x^T and `target_sum` =
-    sum y over the same tokens, the target is those outputs y instead (lstsq only; the parent's outputs, so the
-    refit also absorbs the drift of the inputs that the pruned layers before it caused).
     All arithmetic happens in the Gram matrix's dtype; the result is cast back to the weight's dtype.
-    With every column kept and no targets the weights are returned unchanged.
+    With every column kept the weights are returned unchanged.
     """
     if mode not in RECONSTRUCT_MODES:
         raise BonsaiError(f"unknown reconstruction {mode!r}: choose from {', '.join(RECONSTRUCT_MODES)}")
@@ -149,8 +130,7 @@ def refit_projection(weight: torch.Tensor, bias: torch.Tensor | None, gram: torc
     removed[keep_cols] = False
     W = weight.detach().to(device=device, dtype=dtype)
     b = None if bias is None else bias.detach().to(device=device, dtype=dtype)
-    targeted = cross is not None and mode == "lstsq"
-    if not bool(removed.any()) and not targeted:
+    if not bool(removed.any()):
         return Refit(weight.detach().clone(), None if bias is None else bias.detach().clone(), 0.0, 0.0, 0.0)
     if not (torch.isfinite(gram).all() and torch.isfinite(col_sum).all()):
         raise BonsaiError(f"{where}: non-finite activation statistics (inf/NaN in the calibration forward pass); "
@@ -167,9 +147,7 @@ def refit_projection(weight: torch.Tensor, bias: torch.Tensor | None, gram: torc
         k = len(keep_cols)
         scale = damp_scale(gram)
         G_SS = gram[keep_cols][:, keep_cols]
-        # sum y x_S^T: the current output's (W G[:, S] + b s_S^T) or the targets'
-        C = cross.to(device=device, dtype=dtype) if targeted else W @ gram + (0 if b is None else b[:, None] * col_sum[None, :])
-        rhs = C[:, keep_cols]
+        rhs = W @ gram[:, keep_cols]  # W G[:, S]
         A = G_SS
         if b is not None:
             s_S = col_sum[keep_cols]
@@ -178,8 +156,7 @@ def refit_projection(weight: torch.Tensor, bias: torch.Tensor | None, gram: torc
             A[:k, k] = s_S
             A[k, :k] = s_S
             A[k, k] = float(tokens)
-            y_sum = target_sum.to(device=device, dtype=dtype) if targeted else W @ col_sum + b * tokens
-            rhs = torch.cat([rhs, y_sum[:, None]], dim=1)
+            rhs = torch.cat([rhs + b[:, None] * s_S[None, :], (W @ col_sum + b * tokens)[:, None]], dim=1)
         factor, used_damp = _damped_cholesky(A, k, damp, scale, warn, where)
         rhs = rhs.clone()
         rhs[:, :k] += used_damp * scale * W_S  # the damping pulls towards the current weights
@@ -188,11 +165,8 @@ def refit_projection(weight: torch.Tensor, bias: torch.Tensor | None, gram: torc
     else:  # none, or lstsq with nothing kept: the output is the (refit) bias alone
         new_w = W_S
         if mode == "lstsq" and tokens:
-            if targeted:
-                new_b = target_sum.to(device=device, dtype=dtype) / tokens
-            else:
-                shift = W @ (col_sum / tokens)
-                new_b = shift if b is None else b + shift
+            shift = W @ (col_sum / tokens)
+            new_b = shift if b is None else b + shift
     err_drop, err_fit = _relative_errors(W, b, gram, col_sum, tokens, keep_cols, removed, W_S, new_w, new_b)
     return Refit(new_w.to(weight.dtype), None if new_b is None else new_b.to(weight.dtype), err_drop, err_fit, used_damp)
 
@@ -255,12 +229,10 @@ def _apply_refit(adapter: ArchAdapter, key: GroupKey, keep: torch.Tensor, refit:
 def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, torch.Tensor], windows: torch.Tensor | None,
                  mode: str, damp: float = DEFAULT_DAMP, batch_size: int = 1, progress=None,
                  on_warning: Callable[[str], None] | None = None,
-                 on_block: Callable[[int], None] | None = None,
-                 targets: dict[GroupKey, torch.Tensor] | None = None) -> RemovalReport:
+                 on_block: Callable[[int], None] | None = None) -> RemovalReport:
     """Physically remove every unit not in `keep[group]` (indices into the group's current units) and, unless
-    `mode` is none, refit the output projections block by block on `windows` (see module doc). With `targets`
-    (lstsq; see `capture_targets`) every group's projection is refit towards those outputs, including groups
-    that lost nothing this time. `on_block(i)` is called after block i is done."""
+    `mode` is none, refit the output projections block by block on `windows` (see module doc). `on_block(i)`
+    is called after block i is done."""
     from bonsai.baselines.layerwise import block_outputs, capture_block_inputs
 
     report = RemovalReport()
@@ -272,11 +244,6 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
 
     keep = {k: torch.as_tensor(v, dtype=torch.long).sort().values for k, v in keep.items()}
     todo = {k: v for k, v in keep.items() if len(v) < adapter.group_size(k)}
-    if targets is not None and mode == "lstsq" and todo:  # drift reaches every later layer: refit them all
-        first = min(k.layer for k in todo)
-        for key in targets:
-            if key.layer >= first and key not in todo and adapter.group_size(key) > 0:
-                todo[key] = torch.arange(adapter.group_size(key))
     if mode == "none" or not todo:
         for key, kept in todo.items():
             adapter.slice(key, kept)
@@ -292,8 +259,7 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
         here = [GroupKey(i, kind) for kind in (ATTENTION, MLP) if GroupKey(i, kind) in todo]
         stages = [here] if adapter.parallel_block else [[k] for k in here]
         for stage in stages:
-            stage_targets = {k: targets[k] for k in stage if k in targets} if targets is not None and mode == "lstsq" else None
-            with GramStats({k: adapter.output_projection(k) for k in stage}, stage_targets) as stats:
+            with GramStats({k: adapter.output_projection(k) for k in stage}) as stats:
                 block_outputs(block, inputs)
             for key in stage:
                 lin = adapter.output_projection(key)
@@ -301,8 +267,7 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
                     raise BonsaiError(f"layer {key}: no activations reached its output projection")
                 cols = _kept_columns(adapter, key, todo[key])
                 refit = refit_projection(lin.weight, lin.bias, stats.gram[key], stats.sum[key], stats.tokens[key],
-                                         cols, mode, damp, warn, where=f"layer {key}", cross=stats.cross.get(key),
-                                         target_sum=stats.target_sum.get(key))
+                                         cols, mode, damp, warn, where=f"layer {key}")
                 report.groups[str(key)] = {"units_before": adapter.group_size(key), "units_after": len(todo[key]),
                                            "error_dropped": refit.error_dropped, "error_refit": refit.error_refit,
                                            "damp": refit.damp}
@@ -317,28 +282,3 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
     if task is not None:
         progress.remove_task(task)
     return report
-
-
-@torch.no_grad()
-def capture_targets(model: nn.Module, adapter: ArchAdapter, windows: torch.Tensor, batch_size: int = 1,
-                    dtype: torch.dtype = torch.float32) -> dict[GroupKey, torch.Tensor]:
-    """Every group's output-projection output (tokens x hidden, on CPU) over `windows`, in the order the refit
-    reads them: the parent's outputs that a parent-target refit aims at."""
-    outputs: dict[GroupKey, list[torch.Tensor]] = {}
-    handles = []
-    for key in adapter.groups():
-        if adapter.group_size(key) == 0:
-            continue
-
-        def hook(module, args, out, key=key):
-            outputs.setdefault(key, []).append(as_rows(out.detach()).to("cpu", dtype))
-
-        handles.append(adapter.output_projection(key).register_forward_hook(hook))
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, len(windows), batch_size):
-            model(windows[start:start + batch_size].to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: torch.cat(v) for k, v in outputs.items()}

@@ -69,9 +69,6 @@ class PruneConfig:
     reconstruct: str | None = None  # lstsq for structured methods, none for unstructured ones (nothing to refit)
     reconstruct_damp: float = 1e-2
     reconstruct_samples: int | None = None  # windows for the refit (default: calib_samples)
-    # what the refit aims at: each layer's current output (current) or the parent's, captured once on fixed
-    # refit windows (parent: also absorbs the drift earlier pruning caused in the layer's inputs)
-    refit_target: str = "current"
     # --- Wanda / BESA (unstructured baselines)
     sparsity_type: str = "unstructured"
     # --- LLM-Pruner
@@ -149,8 +146,6 @@ class PruneConfig:
                               f"{self.method} keeps every shape (use --reconstruct none)")
         if not 0 <= self.reconstruct_damp < 1e3:
             raise BonsaiError(f"--reconstruct-damp must be >= 0 (got {self.reconstruct_damp})")
-        if self.refit_target not in ("current", "parent"):
-            raise BonsaiError(f"unknown --refit-target {self.refit_target!r}: choose current or parent")
         if self.reconstruct_samples is not None and self.reconstruct_samples < 1:
             raise BonsaiError(f"--reconstruct-samples must be at least 1 (got {self.reconstruct_samples})")
         if self.cv_folds < 2:

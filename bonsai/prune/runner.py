@@ -35,7 +35,6 @@ from bonsai.prune.state import IterationState, RunState, StateStore
 from bonsai.reconstruct import RemovalReport, remove_units
 from bonsai.runtime import peak_memory
 
-TARGETS_FILE = "parent-targets.safetensors"  # --refit-target parent
 TAU_RISE = 0.01  # adaptive sampling: a CV tau higher than the last round's by more than this is still rising
 ABORT_ENV = "BONSAI_ABORT_AFTER_EVALS"  # tests: simulate a crash after N sub-model evaluations
 ABORT_RECON_ENV = "BONSAI_ABORT_IN_RECONSTRUCTION"  # tests: "T:B" crashes iteration T's refit after block B
@@ -124,7 +123,6 @@ class PruneRun:
         self.groups = self.adapter.groups(cfg.unit_kinds)
         self.budget = plan_budget(self.adapter, self.groups, cfg)
         self.evals_this_process = 0
-        self._targets: dict | None = None  # --refit-target parent: the parent's projection outputs
         # per iteration, in memory only (recomputed on resume): the candidates' H^-1 columns for compensated
         # sub-models, and the current model's next-token distributions for the KL utility
         self._compensation = None
@@ -225,7 +223,6 @@ class PruneRun:
             report = self._finish(state) if self.dist.is_main else self._report(state)
             if self.dist.is_main:
                 self.store.prune_weights(keep=None)
-                (self.store.dir / TARGETS_FILE).unlink(missing_ok=True)
             self.dist.barrier()
             return report
         if self.dist.is_main and not self.resuming:
@@ -257,7 +254,6 @@ class PruneRun:
         report = self._finish(state) if self.dist.is_main else self._report(state)
         if self.dist.is_main:
             self.store.prune_weights(keep=None)  # the saved model holds them now
-            (self.store.dir / TARGETS_FILE).unlink(missing_ok=True)  # only a resumed run needs them
         self.dist.barrier()
         return report
 
@@ -552,8 +548,7 @@ class PruneRun:
             if self.dist.is_main:
                 report = remove_units(self.model, self.adapter, keep, self._recon_windows(t), cfg.reconstruct,
                                       cfg.reconstruct_damp, cfg.batch_size, progress,
-                                      on_warning=lambda m: console.print(f"[yellow]{m}"),
-                                      targets=self._parent_targets(state))
+                                      on_warning=lambda m: console.print(f"[yellow]{m}"))
                 tensors = self._refit_tensors()
             report, tensors = self.dist.broadcast((report, tensors))
             if not self.dist.is_main:
@@ -562,8 +557,7 @@ class PruneRun:
         else:
             report = remove_units(self.model, self.adapter, keep, self._recon_windows(t) if refit else None,
                                   cfg.reconstruct, cfg.reconstruct_damp, cfg.batch_size, progress,
-                                  on_warning=lambda m: console.print(f"[yellow]{m}"), on_block=_abort_hook(t),
-                                  targets=self._parent_targets(state) if refit else None)
+                                  on_warning=lambda m: console.print(f"[yellow]{m}"), on_block=_abort_hook(t))
         for key, kept in keep.items():
             original = state.kept[str(key)]
             state.kept[str(key)] = [original[u] for u in kept]
@@ -579,33 +573,7 @@ class PruneRun:
         from bonsai.data import calibration_windows
 
         n = self.cfg.reconstruct_samples or self.cfg.calib_samples
-        if self.cfg.refit_target == "parent":
-            t = 0  # one fixed draw: the parent's outputs were captured on it
         return calibration_windows(self.tokenizer, self.cfg.calib, n, self.seqlen, seed=self.cfg.seed * 100003 + t + 50021)
-
-    def _parent_targets(self, state: RunState) -> dict[GroupKey, torch.Tensor] | None:
-        """--refit-target parent: the parent's output-projection outputs on the fixed refit windows, captured
-        before the first removal and kept in the state folder for a resumed run."""
-        from bonsai.io import DamagedFile, read_safetensors, write_safetensors_atomic
-        from bonsai.prune.state import RESTART_HINT
-        from bonsai.reconstruct import capture_targets
-
-        if self.cfg.refit_target != "parent" or self.cfg.reconstruct != "lstsq":
-            return None
-        if self._targets is not None:
-            return self._targets
-        path = self.store.dir / TARGETS_FILE
-        if path.exists():
-            self._targets = {GroupKey.parse(k): v for k, v in read_safetensors(path, hint=RESTART_HINT).items()}
-        elif state.completed_iterations == 0:  # the model is still the parent
-            dtype = next(self.model.parameters()).dtype
-            self._targets = capture_targets(self.model, self.adapter, self._recon_windows(0), self.cfg.batch_size,
-                                            dtype=dtype)
-            if self.dist.is_main:
-                write_safetensors_atomic(path, {str(k): v.contiguous() for k, v in self._targets.items()})
-        else:
-            raise DamagedFile(path, "missing (the parent's refit targets)", RESTART_HINT)
-        return self._targets
 
     def _refit_tensors(self) -> dict[str, torch.Tensor]:
         """Every group's output projection (weight, bias): what reconstruction changes beyond slicing."""

@@ -129,14 +129,23 @@ class BaselineRun:
         from bonsai.prune.selection import select_removals
 
         cfg, adapter = self.cfg, self.adapter
-        start, end = default_layer_range(adapter.num_layers)
+        uniform = cfg.allocation == "uniform"
+        if uniform and cfg.global_ranking:
+            raise BonsaiError("--global ranks units across layers and --allocation uniform keeps every layer the same "
+                              "size: choose one")
+        # uniform allocation prunes every layer alike (a stock config); LLM-Pruner's default keeps its first and
+        # last layers whole
+        start, end = (0, adapter.num_layers) if uniform else default_layer_range(adapter.num_layers)
         start = cfg.llmp_layer_start if cfg.llmp_layer_start is not None else start
         end = cfg.llmp_layer_end if cfg.llmp_layer_end is not None else end
+        if uniform and (start, end) != (0, adapter.num_layers):
+            raise BonsaiError("--allocation uniform prunes every layer alike; drop --llmp-layer-start/--llmp-layer-end")
         if not 0 <= start < end <= adapter.num_layers:
             raise BonsaiError(f"layer range [{start}, {end}) is not within the model's {adapter.num_layers} layers")
         keys = [k for k in adapter.groups(cfg.unit_kinds) if start <= k.layer < end]
         console.print(f"LLM-Pruner: {cfg.llmp_importance} Taylor importance, {cfg.llmp_aggregation} aggregation, "
-                      f"layers [{start}, {end}), {'global' if cfg.global_ranking else 'uniform per-layer'} ranking")
+                      f"layers [{start}, {end}), {'global' if cfg.global_ranking else 'uniform per-layer'} ranking"
+                      f"{' (--allocation uniform: every layer)' if uniform else ''}")
         importance = group_importance(self.model, adapter, keys, windows, cfg.batch_size, cfg.llmp_importance,
                                       cfg.llmp_aggregation, progress)
         target = cfg.sparsity * block_before
@@ -151,8 +160,17 @@ class BaselineRun:
             offsets = np.cumsum([0] + [len(importance[k]) for k in keys])
             drops = {k: drop[(drop >= offsets[j]) & (drop < offsets[j + 1])] - offsets[j] for j, k in enumerate(keys)}
         else:
+            if uniform:
+                self._check_uniform(keys)
             drops = uniform_removals(importance, adapter, target, multiple=self._multiple)
         return {"layer_range": [start, end], **self._remove(drops, progress)}
+
+    def _check_uniform(self, keys) -> None:
+        """--allocation uniform needs one size per kind to start from (else the output is no stock config)."""
+        for kind in {k.kind for k in keys}:
+            if len({self.adapter.group_size(k) for k in keys if k.kind == kind}) > 1:
+                raise BonsaiError(f"--allocation uniform needs every layer to have the same {kind} size; this model's "
+                                  "layers differ (prune the parent, or use --allocation global)")
 
     def _multiples(self) -> bool:
         return self.cfg.width_multiple > 1 or self.cfg.head_multiple > 1
@@ -178,11 +196,20 @@ class BaselineRun:
 
         cfg, adapter = self.cfg, self.adapter
         keys = adapter.groups(cfg.unit_kinds)
-        console.print(f"FLAP: fluctuation metric (WIFV), per-layer standardisation, one global threshold; "
+        console.print(f"FLAP: fluctuation metric (WIFV), per-layer standardisation, "
+                      f"{'the same count per layer' if cfg.allocation == 'uniform' else 'one global threshold'}; "
                       f"compensation: --reconstruct {cfg.reconstruct}")
         scores = flap_scores(self.model, adapter, keys, windows, cfg.batch_size, progress)
         target = cfg.sparsity * block_before
-        drops = self._global_in_multiples(scores, target) if self._multiples() else flap_removals(scores, adapter, target)
+        if cfg.allocation == "uniform":  # FLAP's UL-UM: the same count per layer, each layer's lowest scores
+            from bonsai.baselines.llm_pruner import uniform_removals
+
+            self._check_uniform(keys)
+            drops = uniform_removals(scores, adapter, target, multiple=self._multiple)
+        elif self._multiples():
+            drops = self._global_in_multiples(scores, target)
+        else:
+            drops = flap_removals(scores, adapter, target)
         return self._remove(drops, progress)
 
     def _remove(self, drops: dict, progress) -> dict:
@@ -239,7 +266,7 @@ class BaselineRun:
 
 _SHARED = {"model", "sparsity", "method", "calib", "calib_samples", "seqlen", "batch_size", "seed", "dtype", "device",
            "device_map", "units"}
-_STRUCTURED = {"width_multiple", "head_multiple"}
+_STRUCTURED = {"width_multiple", "head_multiple", "allocation"}
 
 
 def _relevant(method: str, key: str) -> bool:

@@ -125,3 +125,31 @@ def test_structured_baselines_keep_width_multiples(monkeypatch, tmp_path, method
     report = json.loads((out / "report.json").read_text())
     assert all(w % 64 == 0 for w in report["mlp_units"]) and report["settings"]["width_multiple"] == 64
     assert abs(report["totals"]["sparsity"] - 0.3) < 0.06
+
+
+@pytest.mark.parametrize("method", ["flap", "llm-pruner"])
+def test_structured_baselines_honour_uniform_allocation(monkeypatch, tmp_path, method):
+    """--allocation uniform: every layer keeps the same sizes (LLM-Pruner then prunes its first and last layers
+    too; FLAP ranks within each layer), and the output is a stock config that transformers loads alone."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / method
+    cli(monkeypatch, "prune", "--model", "tiny", "--method", method, "--sparsity", "0.3", "--calib", "kjv",
+        "--calib-samples", "8", "--seqlen", "64", "--allocation", "uniform", "--head-multiple", "2", "--out", str(out))
+    report = json.loads((out / "report.json").read_text())
+    assert len(set(report["mlp_units"])) == 1 and len(set(report["attention_units"])) == 1
+    assert abs(report["totals"]["sparsity"] - 0.3) < 0.06
+    config = json.loads((out / "config.json").read_text())
+    assert "bonsai_plan" not in config and config["intermediate_size"] == report["mlp_units"][0]
+    ids = torch.randint(0, 4000, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits,
+                                   load_model(str(out), device="cpu", dtype="float32")(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_llm_pruner_global_and_uniform_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr("sys.argv", ["bonsai", "prune", "--model", "tiny", "--method", "llm-pruner", "--global",
+                                     "--allocation", "uniform", "--calib", "kjv", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code != 0

@@ -21,10 +21,14 @@ import json
 import statistics
 import time
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from bonsai.runtime import configure_threads
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a clone without installing
+from bonsai.runtime import configure_threads  # noqa: E402
 
 configure_threads()
 

@@ -176,6 +176,32 @@ def _rope_keys(writer, config, head_dim: int, sink: TensorSink) -> None:
     raise BonsaiError(f"rope scaling {kind!r} has no GGUF form in bonsai's exporter yet (supported: default, linear, llama3)")
 
 
+def add_shape_keys(writer, config, n_layer: int, n_ff, n_head, n_head_kv, head_dim: int, rotary: int) -> None:
+    """The hyperparameters every RMSNorm layout writes (counts may be per-layer lists, for `deci`)."""
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(rotary)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(config.vocab_size))
+
+
+def add_embeddings(model, sink: TensorSink, norm: np.ndarray | None = None, output: bool | None = None) -> None:
+    """token_embd, output_norm and (unless tied) output. `norm`: the final norm as written (default: its weight);
+    `output`: force writing the output layer (True) or follow the tying (None)."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    sink.add("token_embd.weight", _np(inp.weight))
+    sink.add("output_norm.weight", _np(model.model.norm.weight) if norm is None else norm)
+    tied = getattr(model.config, "tie_word_embeddings", False) and out.weight.data_ptr() == inp.weight.data_ptr()
+    if output or (output is None and not tied):
+        sink.add("output.weight", _np(out.weight))
+
+
 def _write_llama(writer_factory, model, adapter: ArchAdapter, dtype: str, report: dict) -> TensorSink:
     config = model.config
     blocks, uniform = _layout_llama(adapter)
@@ -186,29 +212,11 @@ def _write_llama(writer_factory, model, adapter: ArchAdapter, dtype: str, report
                              if any(adapter.attention(i).units for i in range(adapter.num_layers)) else 0)
     head_dim = att0.head_dim
     d = config.hidden_size
-    writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(d)
-    writer.add_block_count(len(blocks))
-    if uniform:
-        writer.add_feed_forward_length(blocks[0].n_ff)
-        writer.add_head_count(blocks[0].n_head)
-        writer.add_head_count_kv(blocks[0].n_head_kv)
-    else:
-        writer.add_feed_forward_length([b.n_ff for b in blocks])
-        writer.add_head_count([b.n_head for b in blocks])
-        writer.add_head_count_kv([b.n_head_kv for b in blocks])
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(int(config.vocab_size))
+    pick = (lambda f: f(blocks[0])) if uniform else (lambda f: [f(b) for b in blocks])
+    add_shape_keys(writer, config, len(blocks), pick(lambda b: b.n_ff), pick(lambda b: b.n_head),
+                   pick(lambda b: b.n_head_kv), head_dim, head_dim)
     _rope_keys(writer, config, head_dim, sink)
-    sink.add("token_embd.weight", _np(model.get_input_embeddings().weight))
-    sink.add("output_norm.weight", _np(model.model.norm.weight))
-    out = model.get_output_embeddings()
-    tied = out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    if not (getattr(config, "tie_word_embeddings", False) and tied):
-        sink.add("output.weight", _np(out.weight))
+    add_embeddings(model, sink)
     zero_head = np.zeros((head_dim, d), np.float32)
     for n, b in enumerate(blocks):
         layer = adapter.layers()[b.source]

@@ -33,11 +33,10 @@ import numpy as np
 
 from bonsai.adapters.base import ArchAdapter
 from bonsai.errors import BonsaiError
-from bonsai.export.gguf import TensorSink, _np, _rope_keys
+from bonsai.export.gguf import ZERO_MLP_WIDTH, TensorSink, _np, _rope_keys, add_embeddings, add_shape_keys
 
 NATIVE = ("qwen3", "olmo2", "phi3", "granite", "gemma", "gemma2", "gemma3_text")
 GEMMA_ARCH = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
-ZERO_MLP_WIDTH = 32
 
 
 def uniform_sizes(adapter: ArchAdapter, model_type: str) -> tuple[int, int]:
@@ -57,29 +56,10 @@ def uniform_sizes(adapter: ArchAdapter, model_type: str) -> tuple[int, int]:
 
 def _common_keys(writer, config, adapter: ArchAdapter, sink: TensorSink, units: int, channels: int) -> int:
     att = adapter.attention(0)
-    head_dim = att.head_dim
-    writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(int(config.hidden_size))
-    writer.add_block_count(adapter.num_layers)
-    writer.add_feed_forward_length(channels)
-    writer.add_head_count(units * att.queries_per_kv)
-    writer.add_head_count_kv(units)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(int(config.vocab_size))
-    _rope_keys(writer, config, head_dim, sink)
-    return head_dim
-
-
-def _embeddings(model, sink: TensorSink, always_output: bool) -> None:
-    sink.add("token_embd.weight", _np(model.get_input_embeddings().weight))
-    sink.add("output_norm.weight", _np(model.model.norm.weight))
-    out = model.get_output_embeddings()
-    tied = out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    if always_output or not (getattr(model.config, "tie_word_embeddings", False) and tied):
-        sink.add("output.weight", _np(out.weight))
+    add_shape_keys(writer, config, adapter.num_layers, channels, units * att.queries_per_kv, units, att.head_dim,
+                   att.head_dim)
+    _rope_keys(writer, config, att.head_dim, sink)
+    return att.head_dim
 
 
 def _mlp(sink: TensorSink, p: str, mlp) -> None:
@@ -109,7 +89,7 @@ def write_native(writer_factory, model, adapter: ArchAdapter, dtype: str, report
     writer = writer_factory(model_type)
     sink = TensorSink(writer, dtype)
     _common_keys(writer, config, adapter, sink, units, channels)
-    _embeddings(model, sink, always_output=model_type == "olmo2")  # llama.cpp's olmo2 requires output.weight
+    add_embeddings(model, sink, output=True if model_type == "olmo2" else None)  # llama.cpp's olmo2 requires output
     for i in range(adapter.num_layers):
         layer, att, mlp = adapter.layers()[i], adapter.attention(i), adapter.mlp(i)
         p = f"blk.{i}"
@@ -169,19 +149,9 @@ def write_phi3(writer_factory, model, adapter: ArchAdapter, dtype: str, report: 
     rotary = int(head_dim * float((config.rope_parameters or {}).get("partial_rotary_factor", 1.0)))
     writer = writer_factory("phi3")
     sink = TensorSink(writer, dtype)
-    writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(d)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_block_count(adapter.num_layers)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(rotary)
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(int(config.vocab_size))
+    add_shape_keys(writer, config, adapter.num_layers, n_ff, n_head, n_kv, head_dim, rotary)
     _longrope(writer, config, rotary, sink)
-    _embeddings(model, sink, always_output=False)
+    add_embeddings(model, sink)
     padded, written, real = [], 0, 0
     for i in range(adapter.num_layers):
         layer, att, mlp = adapter.layers()[i], adapter.attention(i), adapter.mlp(i)
@@ -260,17 +230,7 @@ def write_gemma(writer_factory, model, adapter: ArchAdapter, dtype: str, report:
                               "exporter yet")
     if (local.get("rope_type") or "default") != "default":
         raise BonsaiError(f"{model_type}: scaled rotary on the sliding layers has no llama.cpp form")
-    writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(d)
-    writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(channels)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(units)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(int(config.vocab_size))
+    add_shape_keys(writer, config, n_layer, channels, n_head, units, head_dim, head_dim)
     writer.add_rope_freq_base(float(full.get("rope_theta", 10000.0)))
     if (full.get("rope_type") or "default") == "linear":
         writer.add_rope_scaling_type(sink.gguf.RopeScalingType.LINEAR)
@@ -301,14 +261,11 @@ def write_gemma(writer_factory, model, adapter: ArchAdapter, dtype: str, report:
     def norm(module) -> np.ndarray:  # Gemma's RMSNorm multiplies by 1 + w
         return _np(module.weight) + 1.0
 
-    sink.add("token_embd.weight", _np(model.get_input_embeddings().weight))
-    sink.add("output_norm.weight", norm(model.model.norm))
-    out = model.get_output_embeddings()
-    if out.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-        if arch != "gemma3":
-            raise BonsaiError(f"llama.cpp's {arch} reuses the token embeddings as the output layer; this model's "
-                              "output layer is untied")
-        sink.add("output.weight", _np(out.weight))
+    untied = model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    if untied and arch != "gemma3":
+        raise BonsaiError(f"llama.cpp's {arch} reuses the token embeddings as the output layer; this model's "
+                          "output layer is untied")
+    add_embeddings(model, sink, norm=norm(model.model.norm), output=untied)
     for i in range(n_layer):
         layer, att, mlp = adapter.layers()[i], adapter.attention(i), adapter.mlp(i)
         p = f"blk.{i}"

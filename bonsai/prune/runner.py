@@ -123,6 +123,7 @@ class PruneRun:
         self.groups = self.adapter.groups(cfg.unit_kinds)
         self.budget = plan_budget(self.adapter, self.groups, cfg)
         self.evals_this_process = 0
+        self._adaptive_fit = self._last_fit = None  # adaptive sampling: the last round's regression
         # per iteration, in memory only (recomputed on resume): the candidates' H^-1 columns for compensated
         # sub-models, and the current model's next-token distributions for the KL utility
         self._compensation = None
@@ -280,7 +281,8 @@ class PruneRun:
                                                    need, t)
             else:
                 self._evaluate_pending(it, keys, offsets, windows, progress)
-        scores, reg, probe = unit_scores(cfg, it, keys, offsets, cand_prior, cand_params, t)
+        fitted = self._adaptive_fit if adaptive else None  # the last round's fit: no second regression
+        scores, reg, probe = unit_scores(cfg, it, keys, offsets, cand_prior, cand_params, t, fitted)
         if cfg.width_multiple > 1 or cfg.head_multiple > 1 or cfg.allocation == "uniform":
             removed = self._select_in_steps(it, keys, offsets, scores, need)
         else:
@@ -394,9 +396,10 @@ class PruneRun:
         bounds = list(range(cfg.round_size, n, cfg.round_size)) + [n]
         rounds = [tuple(float(x) for x in row) for row in it.rounds]
         previous, reason = None, "maximum"
+        self._adaptive_fit = None
         for r, end in enumerate(bounds):
             if r < len(rounds):  # finished before a resume
-                if rounds[r][3]:
+                if rounds[r][3]:  # stopped before the resume: the decision's fit is redone once, below
                     reason = "converged"
                     break
                 if r == len(rounds) - 1:
@@ -404,6 +407,7 @@ class PruneRun:
                 continue
             self._evaluate_pending(it, keys, offsets, windows, progress, upto=end, release=end == n)
             removal, tau = self._adaptive_decision(it, cand_prior, cand_params, need, t, end)
+            self._adaptive_fit = self._last_fit
             change = 1.0 if previous is None or removal is None else changed_share(previous, removal, cand_params)
             last_tau = rounds[-1][1] if rounds else float("nan")
             rising = np.isfinite(tau) and (not np.isfinite(last_tau) or tau > last_tau + TAU_RISE)
@@ -429,10 +433,12 @@ class PruneRun:
         """The candidates the regression on the first `end` sub-models would remove, and its CV tau."""
         cfg = self.cfg
         use = it.done & np.isfinite(it.utility) & (np.arange(len(it.masks)) < end)
+        self._last_fit = None
         if use.sum() < 4:
             return None, float("nan")
         reg = fit_unit_scores(it.masks[use].astype(np.float64), it.utility[use], cfg.regression,
                               folds=cfg.cv_folds, seed=cfg.seed + t)
+        self._last_fit = reg if use.sum() == (it.done & np.isfinite(it.utility)).sum() else None
         scores = reg.beta / cand_params if cfg.per_parameter else reg.beta
         return select_removals(scores, cand_prior, cand_params, need), reg.cv_tau
 

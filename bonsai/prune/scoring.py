@@ -16,8 +16,10 @@ from bonsai.prune.state import IterationState
 
 
 def unit_scores(cfg: PruneConfig, it: IterationState, keys, offsets: np.ndarray, cand_prior: np.ndarray,
-                cand_params: np.ndarray, t: int) -> tuple[np.ndarray, RegressionResult | None, dict | None]:
-    """Scores of the candidates (in `keys` order), the regression record (paper) and the probes' costs."""
+                cand_params: np.ndarray, t: int, fitted: RegressionResult | None = None
+                ) -> tuple[np.ndarray, RegressionResult | None, dict | None]:
+    """Scores of the candidates (in `keys` order), the regression record (paper) and the probes' costs.
+    `fitted`: the regression already fit on exactly the evaluated sub-models (adaptive sampling's last round)."""
     if cfg.selection == "probe" and cfg.method in ("bonsai", "prior-only"):
         cand_error = np.concatenate([it.unit_error[str(k)][it.candidates[str(k)]] for k in keys]) if keys else np.zeros(0)
         probe = None
@@ -31,8 +33,8 @@ def unit_scores(cfg: PruneConfig, it: IterationState, keys, offsets: np.ndarray,
         if finite.sum() < 4:
             console.print(f"[yellow]iteration {t + 1}: only {finite.sum()} finite utilities; scoring by the prior")
             return cand_prior, None, None
-        reg = fit_unit_scores(it.masks[finite].astype(np.float64), it.utility[finite], cfg.regression,
-                              folds=cfg.cv_folds, seed=cfg.seed + t)
+        reg = fitted or fit_unit_scores(it.masks[finite].astype(np.float64), it.utility[finite], cfg.regression,
+                                        folds=cfg.cv_folds, seed=cfg.seed + t)
         return (reg.beta / cand_params if cfg.per_parameter else reg.beta), reg, None
     if cfg.method == "no-regression":
         return np.where(it.nr_count > 0, it.nr_sum / np.maximum(it.nr_count, 1), cand_prior), None, None

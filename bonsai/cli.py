@@ -252,13 +252,14 @@ def prune_cmd(
                                                          "paper's; the rest are fixed)."),
     adaptive: bool | None = typer.Option(None, "--adaptive/--no-adaptive",
                                          help="paper selection: evaluate sub-models in rounds and stop an iteration "
-                                              "once the units it would remove have settled (--samples the maximum)."),
+                                              "once the units it would remove have settled (--samples the maximum; "
+                                              "default on with --selection paper, off in the paper-* presets)."),
     adaptive_round: int | None = typer.Option(None, "--adaptive-round",
                                               help="--adaptive: sub-models per round (even; default a tenth of "
                                                    "--samples, at least 8)."),
     adaptive_tol: float | None = typer.Option(None, "--adaptive-tol",
                                               help="--adaptive: stop when at most this share of the parameters to "
-                                                   "remove changed since the last round (default 0.05)."),
+                                                   "remove changed since the last round (default 0.3)."),
     calib: str | None = typer.Option(None, help="Calibration data: wikitext2, c4, kjv, austen or a local file."),
     calib_samples: int | None = typer.Option(None, "--calib-samples", help="Calibration windows (default 32)."),
     seqlen: int | None = typer.Option(None, help="Calibration window length (default 2048 capped at max positions)."),
@@ -269,7 +270,7 @@ def prune_cmd(
                                                     "random unit masks, one regression coefficient per unit."),
     compensate: bool | None = typer.Option(None, "--compensate/--no-compensate",
                                            help="Evaluate sub-models with their dropped units compensated (the refit "
-                                                "to come; default) instead of zeroed (the paper)."),
+                                                "to come; default unless --reconstruct none) instead of zeroed (the paper)."),
     utility: str | None = typer.Option(None, help="A sub-model's utility: kl (default: -KL from the current model's "
                                                   "next-token distributions) | loss (-LM loss, the paper's)."),
     width_multiple: int | None = typer.Option(None, "--width-multiple",

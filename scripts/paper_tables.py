@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # The paper's algorithm as published (random unit masks, Lasso, LM-loss utility, no refit), so that its figures
 # are reproduced; bonsai's defaults differ (docs/quality.md).
-PAPER = dict(selection="paper", prior="wanda", compensate=False, utility="loss", reconstruct="none")
+PAPER = dict(selection="paper", prior="wanda", compensate=False, utility="loss", reconstruct="none", adaptive=False)
 SCALES = {
     "tiny": dict(prune=dict(model="tiny", calib="kjv", sparsity=0.5, p_iter=0.1, samples=64, calib_samples=16,
                             seqlen=128, batch_size=16, **PAPER),

@@ -56,7 +56,7 @@ MODELS["tiny-kjv"] = dict(path="bonsai/assets/tiny-llama", fetch=[], text="kjv",
 VARIANTS = {
     "bonsai": [],
     "bonsai-nocomp": ["--no-compensate"],
-    "bonsai-paper": ["--selection", "paper", "--prior", "wanda", "--no-compensate", "--utility", "loss"],
+    "bonsai-paper": ["--selection", "paper", "--prior", "wanda", "--no-compensate", "--utility", "loss", "--no-adaptive"],
     "prior-only": ["--method", "prior-only"],
     "random": ["--method", "random"],
     "llm-pruner": ["--method", "llm-pruner"],
@@ -150,7 +150,10 @@ def report(results: list[dict], out: Path, models: list[str]) -> str:
             cells.setdefault((r["variant"], r["reconstruct"], r["sparsity"]), []).append(r)
         for (variant, recon, sp), rs in sorted(cells.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
             ppl = [r["ppl"] for r in rs]
-            best = [statistics.mean([r["ppl"] for r in cells[(b, recon, sp)]]) for b in BASELINES if (b, recon, sp) in cells]
+            # a tagged variant (e.g. `bonsai-len256`) is compared with the baselines of the same tag where they ran
+            tag = variant[len(max((v for v in VARIANTS if variant.startswith(v)), key=len, default="")):]
+            names = [b + tag for b in BASELINES] if any((b + tag, recon, sp) in cells for b in BASELINES) else BASELINES
+            best = [statistics.mean([r["ppl"] for r in cells[(b, recon, sp)]]) for b in names if (b, recon, sp) in cells]
             ratio = f"{statistics.mean(ppl) / min(best):.2f}" if best else "–"
             accs = [r["acc"] for r in rs if r.get("acc") is not None]
             lines.append(f"| {variant} | {recon} | {sp:g} | {len(rs)} | {fmt(ppl)} | {statistics.mean(ppl) / parent:.2f} | "

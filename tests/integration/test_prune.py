@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from bonsai.eval.runner import run_perplexity
 from bonsai.models.loading import load_model
-from bonsai.prune.config import PruneConfig
+from bonsai.prune.config import PruneConfig, build_config
 from bonsai.prune.runner import PruneRun
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,8 @@ def tiny_runs(tmp_path_factory):
         runs[method] = prune(root / method, model="tiny", sparsity=0.3, method=method, p_iter=0.1, samples=32,
                              seqlen=128, calib_samples=16)
     runs["paper"] = prune(root / "paper", model="tiny", sparsity=0.3, p_iter=0.1, samples=32, seqlen=128, calib_samples=16,
-                          selection="paper", prior="wanda", compensate=False, utility="loss", reconstruct="none")
+                          selection="paper", prior="wanda", compensate=False, utility="loss", reconstruct="none",
+                          adaptive=False)
     return root, runs
 
 
@@ -88,7 +89,7 @@ def test_resume_equals_uninterrupted(tmp_path, selection, abort):
             "--samples", "8", "--calib", "kjv", "--seqlen", "32", "--calib-samples", "4", "--batch-size", "8",
             "--checkpoint-every", "2", "--selection", selection]
     if selection == "paper":
-        args += ["--prior", "wanda", "--no-compensate", "--utility", "loss"]
+        args += ["--prior", "wanda", "--no-compensate", "--utility", "loss", "--no-adaptive"]
     env = dict(os.environ, BONSAI_ABORT_AFTER_EVALS=abort)  # dies in the second iteration, mid-way
     crashed = subprocess.run(args + ["--out", str(tmp_path / "resumed")], env=env, capture_output=True, text=True,
                              timeout=600)
@@ -174,7 +175,7 @@ def test_non_finite_utilities_are_left_out(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluate.SubModelEvaluator, "evaluate", overflowing)
     _, report = prune(tmp_path / "o", model="tiny", sparsity=0.1, p_iter=0.1, samples=12, selection="paper",
-                      prior="wanda", utility="loss")
+                      prior="wanda", utility="loss", adaptive=False)
     it = report["iterations"][0]
     assert it["non_finite"] == 4 and it["cv_tau"] is not None
     # probe: a group whose probe overflowed is treated as infinitely costly, so it keeps its units
@@ -353,7 +354,7 @@ def test_cost_model_counts_the_forward_tokens():
     assert cost.sub_models_per_iteration == 12 and cost.forward_tokens == pytest.approx(expect)
     assert cost.seconds == pytest.approx(cost.forward_tokens * cost.seconds_per_token)
     paper = PruneConfig(model="tiny", sparsity=0.3, p_iter=0.1, calib_samples=8, seqlen=64, samples=20, selection="paper",
-                        prior="wanda", compensate=False, reconstruct="none").validate()
+                        prior="wanda", compensate=False, reconstruct="none", adaptive=False).validate()
     cost = estimate(paper, model, adapter, adapter.groups(), 64, 3, False)
     assert cost.forward_tokens == pytest.approx(sum((1 - 0.3 * t / 3) * (C + 20 * C) for t in range(3)))
 
@@ -395,10 +396,27 @@ def test_adaptive_stop_equals_a_fixed_run_of_that_many_sub_models(tmp_path):
     used = adaptive["iterations"][0]["sub_models"]
     assert used < 40  # it did stop early (a loose tolerance on a tiny model)
     assert used == adaptive["iterations"][0]["adaptive"]["curve"][-1]["sub_models"]
-    _, fixed = prune(tmp_path / "f", samples=used, **common)
+    _, fixed = prune(tmp_path / "f", samples=used, adaptive=False, **common)
     assert fixed["iterations"][0]["cv_tau"] == adaptive["iterations"][0]["cv_tau"]
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "f" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adaptive_is_the_paper_selections_default_but_not_the_papers_presets():
+    assert PruneConfig(model="tiny", selection="paper").validate().adaptive
+    assert not PruneConfig(model="tiny").validate().adaptive  # probe selection: nothing to stop early
+    assert not PruneConfig(model="tiny", selection="paper", method="no-regression").validate().adaptive
+    for preset in ("paper-llama-2-7b", "paper-llama-7b", "paper-mistral-7b", "paper-phi-2"):
+        assert not build_config(preset, {}).adaptive, preset  # the paper's algorithm as published
+    assert build_config("paper-llama-2-7b", {"adaptive": True}).adaptive  # a flag still wins
+
+
+def test_compensation_follows_the_refit():
+    """Sub-models are compensated for the refit to come, and not when --reconstruct none means none comes."""
+    assert PruneConfig(model="tiny").validate().compensate
+    assert not PruneConfig(model="tiny", reconstruct="none").validate().compensate
+    assert not build_config(None, {"model": "tiny", "reconstruct": "none"}).compensate
+    assert build_config(None, {"model": "tiny", "reconstruct": "none", "compensate": True}).compensate  # a flag wins
 
 
 def test_adaptive_needs_the_paper_selection():

@@ -92,8 +92,6 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if self.adaptive is None:  # resolved here, so the fingerprint and the report hold what the run did
             self.adaptive = self.selection == "paper" and self.method == "bonsai"
-        if self.compensate is None and self.reconstruct is not None:  # else once validate() resolves reconstruct
-            self.compensate = self.reconstruct != "none"
 
     @property
     def unit_kinds(self) -> tuple[str, ...]:

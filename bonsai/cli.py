@@ -239,8 +239,9 @@ def prune_cmd(
     config: str | None = typer.Option(None, help="YAML preset: a path or a name under configs/ (e.g. llama-2-7b)."),
     method: str | None = typer.Option(None, help="bonsai | prior-only | no-regression | random (paper Fig. 2) | "
                                                  "baselines: wanda | llm-pruner | besa | flap."),
-    prior: str | None = typer.Option(None, help="obs (default: each unit's compensated error, relative to the "
-                                                "residual stream) | wanda | activation | magnitude | uniform (paper Fig. 3)."),
+    prior: str | None = typer.Option(None, help="obs (default: each unit's error after the run's refit, "
+                                                "relative to the residual stream) | wanda | activation | magnitude | "
+                                                "uniform (paper Fig. 3)."),
     p_iter: float | None = typer.Option(None, "--p-iter", help="Fraction pruned per iteration (default 0.05)."),
     samples: int | None = typer.Option(None, help="paper selection: sub-models evaluated per iteration (default 200)."),
     probe_depths: int | None = typer.Option(None, "--probe-depths",
@@ -270,7 +271,11 @@ def prune_cmd(
                                                     "random unit masks, one regression coefficient per unit."),
     compensate: bool | None = typer.Option(None, "--compensate/--no-compensate",
                                            help="Evaluate sub-models with their dropped units compensated (the refit "
-                                                "to come; default unless --reconstruct none) instead of zeroed (the paper)."),
+                                                "to come; default with --reconstruct lstsq) instead of zeroed (the paper)."),
+    sequential_obs: bool | None = typer.Option(None, "--sequential-obs/--no-sequential-obs",
+                                               help="Rank each group's candidates along their greedy joint removal "
+                                                    "(sequential OBS: remove the cheapest, update, repeat) instead of "
+                                                    "by each unit's compensated error alone."),
     utility: str | None = typer.Option(None, help="A sub-model's utility: kl (default: -KL from the current model's "
                                                   "next-token distributions) | loss (-LM loss, the paper's)."),
     width_multiple: int | None = typer.Option(None, "--width-multiple",
@@ -309,6 +314,9 @@ def prune_cmd(
                                                   help="lstsq damping, relative to the Gram matrix's mean diagonal (0.01)."),
     reconstruct_samples: int | None = typer.Option(None, "--reconstruct-samples",
                                                    help="Calibration windows for the refit (default: --calib-samples)."),
+    refit_bias: bool | None = typer.Option(None, "--refit-bias/--no-refit-bias",
+                                           help="lstsq: also fit an output bias where a layer has none (the saved "
+                                                "model then carries o_proj/down_proj biases in its plan)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the run's cost (iterations, sub-models, forward "
                                                           "tokens, time from a timing probe, peak memory) and stop."),
@@ -329,7 +337,8 @@ def prune_cmd(
                      probe_depths=probe_depths, candidate_multiple=candidate_multiple, adaptive=adaptive,
                      adaptive_round=adaptive_round, adaptive_tol=adaptive_tol,
                      calib=calib, calib_samples=calib_samples, seqlen=seqlen, batch_size=batch_size,
-                     regression=regression, selection=selection, compensate=compensate, per_parameter=per_parameter,
+                     regression=regression, selection=selection, compensate=compensate, sequential_obs=sequential_obs,
+                     per_parameter=per_parameter,
                      utility=utility, width_multiple=width_multiple, head_multiple=head_multiple,
                      allocation=allocation,
                      units=units, seed=seed, dtype=dtype, device=device,
@@ -338,7 +347,8 @@ def prune_cmd(
                      llmp_layer_start=llmp_layer_start, llmp_layer_end=llmp_layer_end,
                      global_ranking=global_ranking or None, besa_granularity=besa_granularity, besa_levels=besa_levels,
                      besa_epochs=besa_epochs, besa_lr=besa_lr, besa_penalty=besa_penalty, besa_wbits=besa_wbits,
-                     reconstruct=reconstruct, reconstruct_damp=reconstruct_damp, reconstruct_samples=reconstruct_samples)
+                     reconstruct=reconstruct, reconstruct_damp=reconstruct_damp, reconstruct_samples=reconstruct_samples,
+                     refit_bias=refit_bias)
     cfg = build_config(config, overrides)
     if model is None and config is None:
         raise BonsaiError("--model is required (or a --config that names one)")

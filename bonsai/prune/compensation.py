@@ -8,7 +8,9 @@ passes only):
 * the compensated error of removing unit u alone (structured optimal brain surgeon, with H = G + lambda I):
       e_u = tr(W_u [(H^-1)_uu]^-1 W_u^T)           (W_u: the unit's columns of the output projection)
   expressed relative to the power of the residual stream entering the block, so that groups of different
-  layers are on one scale;
+  layers are on one scale. A run that will not refit (`--reconstruct none`) or only fold the mean into the
+  bias (`bias`) scores a unit by the error it leaves then: tr(W_u G_uu W_u^T) with G uncentred or centred
+  (the covariance), since no other column will take its output over;
 * compensated sub-models: when the units R of a group are dropped, the optimal update of the remaining
   weights is  W' = W - W_R [(H^-1)_RR]^-1 (H^-1)_R,:  (its columns R are zero), so a sub-model's output
   projection computes  W x - (x M_R^T) W_R^T  with  M_R = [(H^-1)_RR]^-1 (H^-1)_R,: . Only the candidates'
@@ -66,15 +68,101 @@ def obs_unit_errors(weight: torch.Tensor, hinv: torch.Tensor, width: int) -> tor
     return (Wu * sol).sum((1, 2)).cpu()
 
 
+def greedy_obs_path(weight: torch.Tensor, hinv: torch.Tensor, width: int, steps: int
+                    ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Sequential OBS (as ZipLM and OSSCAR do): remove the unit whose compensated error is smallest, update W
+    and H^-1 as if it were gone, repeat `steps` times. Returns the units in removal order, their marginal
+    errors (which add up to the compensated error of removing each prefix at once) and every unit's error
+    once the path is gone (0 for the path's own)."""
+    W = weight.detach().to(hinv.dtype).clone()
+    H = hinv.clone()
+    n_units = W.shape[1] // width
+    alive = torch.ones(n_units, dtype=torch.bool, device=hinv.device)
+    idx = torch.arange(W.shape[1], device=hinv.device).view(n_units, width)
+
+    def errors() -> torch.Tensor:
+        if width == 1:
+            return W.pow(2).sum(0) / H.diagonal().clamp_min(1e-30)
+        blocks = H[idx[:, :, None], idx[:, None, :]]
+        Wu = W.t().reshape(n_units, width, -1)
+        return (Wu * torch.linalg.solve(blocks, Wu)).sum((1, 2))
+
+    order, marginal = [], []
+    for _ in range(min(steps, n_units)):
+        e = errors().masked_fill(~alive, float("inf"))
+        u = int(torch.argmin(e))
+        order.append(u)
+        marginal.append(e[u])
+        alive[u] = False
+        cols = idx[u]
+        if width == 1:  # rank-one downdates, in place (H^-1 is symmetric)
+            h = H[:, u].clone()
+            W.addr_(W[:, u].clone(), h, alpha=-1.0 / float(h[u]))
+            H.addr_(h, h, alpha=-1.0 / float(h[u]))
+        else:
+            M = torch.linalg.solve(H[cols][:, cols], H[cols])  # [(H^-1)_RR]^-1 (H^-1)_R,:
+            W -= W[:, cols] @ M
+            H -= H[:, cols] @ M
+        W[:, cols] = 0
+        H[cols] = 0
+        H[:, cols] = 0
+        H[cols, cols] = 1.0  # a removed unit's identity block keeps every later solve well posed
+    rest = errors().masked_fill(~alive, 0.0)
+    return order, torch.stack(marginal).cpu() if marginal else torch.zeros(0, dtype=hinv.dtype), rest.cpu()
+
+
+def sequential_obs_errors(weight: torch.Tensor, hinv: torch.Tensor, width: int, steps: int) -> torch.Tensor:
+    """Unit errors that rank a group's units along its greedy joint removal (`greedy_obs_path`): units alone
+    are not additive (two correlated units can each stand in for the other). On the path: the running maximum
+    of the marginal errors, so that ranking by it follows the path; off it: the error once the path is gone,
+    never below the path's last value."""
+    order, marginal, rest = greedy_obs_path(weight, hinv, width, steps)
+    out = rest.clone()
+    if order:
+        level = torch.cummax(marginal, 0).values
+        out[torch.tensor(order)] = level
+        off = torch.ones(len(out), dtype=torch.bool)
+        off[torch.tensor(order)] = False
+        out[off] = torch.maximum(rest[off], level[-1] * (1 + 1e-9))
+    return out
+
+
+def direct_unit_errors(weight: torch.Tensor, gram: torch.Tensor, width: int) -> torch.Tensor:
+    """e_u = tr(W_u G_uu W_u^T): the output energy unit u carries, lost when it is zeroed and nothing is refit."""
+    W = weight.detach().to(gram.dtype)
+    n_units = W.shape[1] // width
+    if n_units == 0:
+        return torch.zeros(0, dtype=gram.dtype)
+    idx = torch.arange(W.shape[1], device=gram.device).view(n_units, width)
+    blocks = gram[idx[:, :, None], idx[:, None, :]]  # (units, w, w)
+    Wu = W.t().reshape(n_units, width, -1)  # (units, w, out)
+    return (Wu * (blocks @ Wu)).sum((1, 2)).cpu()
+
+
+def unit_errors(weight: torch.Tensor, gram: torch.Tensor, col_sum: torch.Tensor, tokens: int, width: int,
+                refit: str, hinv: torch.Tensor | None, sequential: int = 0) -> torch.Tensor:
+    """Each unit's output error once removed alone, under the run's reconstruction (see module doc); with
+    `sequential` > 0 and the lstsq refit, along the greedy joint removal of that many units."""
+    if refit == "lstsq":
+        if sequential:
+            return sequential_obs_errors(weight, hinv, width, sequential)
+        return obs_unit_errors(weight, hinv, width)
+    if refit == "bias":  # the mean is folded into the bias: only the fluctuation around it is lost
+        gram = gram - torch.outer(col_sum, col_sum) / max(tokens, 1)
+    return direct_unit_errors(weight, gram, width)
+
+
 @torch.no_grad()
 def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], windows: torch.Tensor,
-                     batch_size: int, damp: float = DEFAULT_DAMP, keep_inverse: bool = False,
+                     batch_size: int, damp: float = DEFAULT_DAMP, keep_inverse: bool = False, refit: str = "lstsq",
+                     sequential: Callable[[GroupKey], int] | None = None,
                      columns: Callable[[GroupKey, torch.Tensor], torch.Tensor] | None = None, progress=None
                      ) -> tuple[dict[GroupKey, GroupStats], dict[GroupKey, tuple[torch.Tensor, torch.Tensor]]]:
-    """Compensated unit errors of every group, block by block on the current model (one Gram matrix at a
-    time). With `keep_inverse`, also return per group (H^-1[:, C], C): `columns(group, unit_errors)` picks the
-    columns C to keep (default: all), so that only those outlive the group's turn (at 7B a whole H^-1 is
-    ~0.5 GB per layer)."""
+    """Unit errors of every group under the `refit` to come (compensated for lstsq), block by block on the
+    current model (one Gram matrix at a time). With `keep_inverse`, also return per group (H^-1[:, C], C):
+    `columns(group, unit_errors)` picks the columns C to keep (default: all), so that only those outlive the
+    group's turn (at 7B a whole H^-1 is ~0.5 GB per layer). `sequential(group)`: units to order by
+    sequential OBS (0: each unit alone)."""
     from bonsai.baselines.layerwise import block_outputs, capture_block_inputs
 
     layers = adapter.layers()
@@ -95,8 +183,10 @@ def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupK
                 if not torch.isfinite(grams.gram[key]).all():
                     raise BonsaiError(f"layer {key}: non-finite activation statistics (inf/NaN in the calibration forward "
                                       "pass); nothing was written. Try --dtype float32 or other calibration data")
-                hinv = damped_inverse(grams.gram[key], damp)
-                err = obs_unit_errors(adapter.output_projection(key).weight, hinv, adapter.unit_width(key))
+                hinv = damped_inverse(grams.gram[key], damp) if refit == "lstsq" or keep_inverse else None
+                err = unit_errors(adapter.output_projection(key).weight, grams.gram[key], grams.sum[key],
+                                  grams.tokens[key], adapter.unit_width(key), refit, hinv,
+                                  sequential(key) if sequential is not None else 0)
                 stats[key] = GroupStats(unit_error=(err / residual).double())
                 if keep_inverse:
                     cols = columns(key, stats[key].unit_error) if columns is not None else torch.arange(hinv.shape[0])
@@ -182,4 +272,5 @@ class CompensatedMasks:
         self.remove()
 
 
-__all__ = ["ATTENTION", "MLP", "CompensatedMasks", "GroupStats", "group_statistics", "obs_unit_errors"]
+__all__ = ["ATTENTION", "MLP", "CompensatedMasks", "GroupStats", "direct_unit_errors", "group_statistics",
+           "greedy_obs_path", "obs_unit_errors", "sequential_obs_errors", "unit_errors"]

@@ -54,9 +54,12 @@ class PruneConfig:
     adaptive: bool | None = None
     adaptive_round: int = 0  # sub-models per round (0: a tenth of --samples, at least 8, even: pairs stay together)
     adaptive_tol: float = 0.3  # stop when the parameters whose fate changed since the last round are below this share
-    # evaluate sub-models with their dropped units compensated (the refit to come); None: on unless
-    # --reconstruct none, where no refit comes (SmolLM2 30%, seed 0: 86.8 ppl without against 107.7 with)
+    # evaluate sub-models with their dropped units compensated (the lstsq refit to come); None: on with
+    # --reconstruct lstsq only; with none no refit comes (SmolLM2 30%, seed 0: 86.8 ppl without against 107.7 with)
     compensate: bool | None = None
+    # obs prior under the lstsq refit: rank each group's units along its greedy joint removal (sequential OBS)
+    # instead of by each unit's error alone
+    sequential_obs: bool = False
     utility: str = "kl"  # U of a sub-model: -(KL from the current model's next-token distributions), or -(LM loss)
     # serving shapes: every layer's MLP width / attention units a multiple of N, or every layer the same
     width_multiple: int = 1
@@ -73,6 +76,7 @@ class PruneConfig:
     reconstruct: str | None = None  # lstsq for structured methods, none for unstructured ones (nothing to refit)
     reconstruct_damp: float = 1e-2
     reconstruct_samples: int | None = None  # windows for the refit (default: calib_samples)
+    refit_bias: bool = False  # lstsq: fit an output bias too where the layer has none (the model then carries one)
     # --- Wanda / BESA (unstructured baselines)
     sparsity_type: str = "unstructured"
     # --- LLM-Pruner
@@ -148,7 +152,13 @@ class PruneConfig:
         if self.reconstruct is None:
             self.reconstruct = "lstsq" if self.method in STRUCTURED_METHODS else "none"
         if self.compensate is None:
-            self.compensate = self.reconstruct != "none"
+            self.compensate = self.reconstruct == "lstsq"  # the probes' compensation is the lstsq refit's
+        if self.sequential_obs and (self.prior != "obs" or self.reconstruct != "lstsq"
+                                    or self.method not in BONSAI_METHODS):
+            raise BonsaiError("--sequential-obs orders units by their compensated errors: it needs --prior obs and "
+                              "--reconstruct lstsq with a bonsai method")
+        if self.refit_bias and self.reconstruct != "lstsq":
+            raise BonsaiError("--refit-bias fits a bias with the least-squares refit: it needs --reconstruct lstsq")
         if self.reconstruct not in RECONSTRUCT_MODES:
             raise BonsaiError(f"unknown --reconstruct {self.reconstruct!r}: choose from {', '.join(RECONSTRUCT_MODES)}")
         if self.reconstruct != "none" and self.method not in STRUCTURED_METHODS:

@@ -342,9 +342,16 @@ class PruneRun:
             width = self.adapter.unit_width(key)
             return (cand[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
 
+        def pool(key: GroupKey) -> int:  # the candidates' count, ordered by sequential OBS when asked
+            if not cfg.sequential_obs:
+                return 0
+            n = self.adapter.group_size(key)
+            return len(candidate_units(np.zeros(n), self.budget.unit_p_iter, cfg.candidate_multiple))
+
         stats, compensation = group_statistics(self.model, self.adapter, self.groups, windows, cfg.batch_size,
                                                damp=cfg.reconstruct_damp, keep_inverse=cfg.compensate,
-                                               columns=candidate_columns, progress=self._progress)
+                                               refit=cfg.reconstruct, sequential=pool, columns=candidate_columns,
+                                               progress=self._progress)
         return {k: stats[k].unit_error.numpy() for k in self.groups}, compensation
 
     def _start_iteration(self, t: int, windows: torch.Tensor) -> IterationState:
@@ -554,7 +561,7 @@ class PruneRun:
             if self.dist.is_main:
                 report = remove_units(self.model, self.adapter, keep, self._recon_windows(t), cfg.reconstruct,
                                       cfg.reconstruct_damp, cfg.batch_size, progress,
-                                      on_warning=lambda m: console.print(f"[yellow]{m}"))
+                                      on_warning=lambda m: console.print(f"[yellow]{m}"), intercept=cfg.refit_bias)
                 tensors = self._refit_tensors()
             report, tensors = self.dist.broadcast((report, tensors))
             if not self.dist.is_main:
@@ -563,7 +570,8 @@ class PruneRun:
         else:
             report = remove_units(self.model, self.adapter, keep, self._recon_windows(t) if refit else None,
                                   cfg.reconstruct, cfg.reconstruct_damp, cfg.batch_size, progress,
-                                  on_warning=lambda m: console.print(f"[yellow]{m}"), on_block=_abort_hook(t))
+                                  on_warning=lambda m: console.print(f"[yellow]{m}"), on_block=_abort_hook(t),
+                                  intercept=cfg.refit_bias)
         for key, kept in keep.items():
             original = state.kept[str(key)]
             state.kept[str(key)] = [original[u] for u in kept]

@@ -412,9 +412,10 @@ def test_adaptive_is_the_paper_selections_default_but_not_the_papers_presets():
 
 
 def test_compensation_follows_the_refit():
-    """Sub-models are compensated for the refit to come, and not when --reconstruct none means none comes."""
+    """Sub-models are compensated for the lstsq refit to come, and not when none (or only FLAP's bias) comes."""
     assert PruneConfig(model="tiny").validate().compensate
     assert not PruneConfig(model="tiny", reconstruct="none").validate().compensate
+    assert not PruneConfig(model="tiny", reconstruct="bias").validate().compensate
     assert not build_config(None, {"model": "tiny", "reconstruct": "none"}).compensate
     assert build_config(None, {"model": "tiny", "reconstruct": "none", "compensate": True}).compensate  # a flag wins
 

@@ -7,7 +7,15 @@ import torch
 from helpers import tiny_model
 
 from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
-from bonsai.prune.compensation import CompensatedMasks, damped_inverse, group_statistics, obs_unit_errors
+from bonsai.prune.compensation import (
+    CompensatedMasks,
+    damped_inverse,
+    greedy_obs_path,
+    group_statistics,
+    obs_unit_errors,
+    sequential_obs_errors,
+    unit_errors,
+)
 from bonsai.reconstruct import GramStats, refit_projection
 
 pytestmark = pytest.mark.unit
@@ -32,6 +40,28 @@ def test_unit_error_is_the_error_left_after_the_optimal_refit(width):
         objective = (((X @ W.T - X[:, keep] @ fit.weight.T) ** 2).sum() + lam * ((fit.weight - W[:, keep]) ** 2).sum()
                      + lam * (W[:, removed] ** 2).sum())
         assert float(errors[u]) == pytest.approx(float(objective), rel=1e-8)
+
+
+@pytest.mark.parametrize("refit", ["none", "bias"])
+@pytest.mark.parametrize("width", [1, 3])
+def test_unit_error_without_lstsq_is_the_error_that_refit_leaves(refit, width):
+    """With no refit (or FLAP's bias refit) to come, a unit's error is what removing it alone leaves, computed
+    here by slicing and refitting explicitly: ||W X + b - W'_S X_S - b'||^2 over the tokens."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(300, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    X = X + torch.randn(12, generator=g, dtype=torch.float64) * 3  # a mean, so bias and none differ
+    W = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    b = torch.randn(4, generator=g, dtype=torch.float64)
+    G = X.T @ X
+    errors = unit_errors(W, G, X.sum(0), 300, width, refit, None)
+    assert errors.shape == (12 // width,)
+    for u in range(12 // width):
+        keep = torch.tensor([c for c in range(12) if c // width != u])
+        fit = refit_projection(W, b, G, X.sum(0), 300, keep, refit, damp=0.0)
+        left = X @ W.T + b - (X[:, keep] @ fit.weight.T + fit.bias)
+        assert float(errors[u]) == pytest.approx(float((left ** 2).sum()), rel=1e-8)
+    assert not torch.allclose(unit_errors(W, G, X.sum(0), 300, width, "none", None),
+                              unit_errors(W, G, X.sum(0), 300, width, "bias", None))
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "phi"])
@@ -85,3 +115,30 @@ def test_errors_are_relative_to_the_residual_stream():
         adapter.output_projection(GroupKey(1, MLP)).weight.mul_(2)
     doubled, _ = group_statistics(model, adapter, [GroupKey(1, MLP)], windows, 4, damp=0.01)
     torch.testing.assert_close(doubled[GroupKey(1, MLP)].unit_error, 4 * stats[GroupKey(1, MLP)].unit_error)
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_sequential_obs_is_the_greedy_joint_removal(width):
+    """Each step removes the unit whose joint removal with the path so far costs least, the marginal errors add
+    up to each prefix's joint compensated error tr(W_R [(H^-1)_RR]^-1 W_R^T) (by brute force over subsets), and
+    the returned ranking follows the path."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(200, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    W = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    hinv = damped_inverse(X.T @ X, 0.01)
+    n = 12 // width
+
+    def joint(units):
+        cols = torch.tensor([u * width + j for u in units for j in range(width)])
+        W_R = W[:, cols]
+        return float((W_R * torch.linalg.solve(hinv[cols][:, cols], W_R.T).T).sum())
+
+    order, marginal, _ = greedy_obs_path(W, hinv, width, 4)
+    assert len(order) == 4 and len(set(order)) == 4
+    for k in range(1, 5):
+        best = min((u for u in range(n) if u not in order[:k - 1]), key=lambda u: joint(order[:k - 1] + [u]))
+        assert order[k - 1] == best
+        assert float(marginal[:k].sum()) == pytest.approx(joint(order[:k]), rel=1e-8)
+    ranking = torch.argsort(sequential_obs_errors(W, hinv, width, 4), stable=True)
+    assert ranking[:4].tolist() == order
+    assert float(marginal[0]) == pytest.approx(float(obs_unit_errors(W, hinv, width).min()), rel=1e-10)

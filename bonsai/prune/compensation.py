@@ -28,7 +28,7 @@ from torch import nn
 
 from bonsai.adapters.base import ATTENTION, MLP, ArchAdapter, GroupKey
 from bonsai.errors import BonsaiError
-from bonsai.reconstruct import DEFAULT_DAMP, GramStats, gram_dtype
+from bonsai.reconstruct import DEFAULT_DAMP, GramStats, damp_scale, gram_dtype
 
 
 @dataclass
@@ -38,10 +38,12 @@ class GroupStats:
     unit_error: torch.Tensor  # (units,) compensated error of removing each unit alone, relative to residual power
 
 
-def damped_inverse(gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """(G + damp * mean(diag G) I)^-1 through Cholesky, raising the damping until it is positive definite."""
+def damped_inverse(gram: torch.Tensor, damp: float, scale: float | None = None) -> torch.Tensor:
+    """(G + damp * scale I)^-1 through Cholesky (scale: mean(diag G) unless given), raising the damping until it
+    is positive definite."""
     n = gram.shape[0]
-    scale = float(gram.diagonal().mean()) if n else 1.0
+    if scale is None:
+        scale = float(gram.diagonal().mean()) if n else 1.0
     scale = scale if scale > 0 else 1.0
     eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
     d = damp
@@ -155,14 +157,15 @@ def unit_errors(weight: torch.Tensor, gram: torch.Tensor, col_sum: torch.Tensor,
 @torch.no_grad()
 def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], windows: torch.Tensor,
                      batch_size: int, damp: float = DEFAULT_DAMP, keep_inverse: bool = False, refit: str = "lstsq",
-                     sequential: Callable[[GroupKey], int] | None = None,
+                     sequential: Callable[[GroupKey], int] | None = None, intercept: bool = False,
                      columns: Callable[[GroupKey, torch.Tensor], torch.Tensor] | None = None, progress=None
                      ) -> tuple[dict[GroupKey, GroupStats], dict[GroupKey, tuple[torch.Tensor, torch.Tensor]]]:
     """Unit errors of every group under the `refit` to come (compensated for lstsq), block by block on the
     current model (one Gram matrix at a time). With `keep_inverse`, also return per group (H^-1[:, C], C):
     `columns(group, unit_errors)` picks the columns C to keep (default: all), so that only those outlive the
-    group's turn (at 7B a whole H^-1 is ~0.5 GB per layer). `sequential(group)`: units to order by
-    sequential OBS (0: each unit alone)."""
+    group's turn (at 7B a whole H^-1 is ~0.5 GB per layer), and the mean input where the lstsq refit fits a bias
+    (the layer has one, or `intercept`: errors and compensation are then on the covariance). `sequential(group)`: units to order
+    by sequential OBS (0: each unit alone)."""
     from bonsai.baselines.layerwise import block_outputs, capture_block_inputs
 
     layers = adapter.layers()
@@ -183,15 +186,24 @@ def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupK
                 if not torch.isfinite(grams.gram[key]).all():
                     raise BonsaiError(f"layer {key}: non-finite activation statistics (inf/NaN in the calibration forward "
                                       "pass); nothing was written. Try --dtype float32 or other calibration data")
-                hinv = damped_inverse(grams.gram[key], damp) if refit == "lstsq" or keep_inverse else None
-                err = unit_errors(adapter.output_projection(key).weight, grams.gram[key], grams.sum[key],
+                gram, mean = grams.gram[key], None
+                lin = adapter.output_projection(key)
+                if refit == "lstsq" and (intercept or lin.bias is not None):
+                    # the refit fits a bias (the layer's own, or one --refit-bias adds), which takes the mean:
+                    # the least squares act on the covariance
+                    mean = grams.sum[key] / max(grams.tokens[key], 1)
+                    gram = gram - grams.tokens[key] * torch.outer(mean, mean)
+                hinv = None
+                if refit == "lstsq" or keep_inverse:  # damped as the refit is: relative to the raw Gram's diagonal
+                    hinv = damped_inverse(gram, damp, damp_scale(grams.gram[key]))
+                err = unit_errors(lin.weight, grams.gram[key], grams.sum[key],
                                   grams.tokens[key], adapter.unit_width(key), refit, hinv,
                                   sequential(key) if sequential is not None else 0)
                 stats[key] = GroupStats(unit_error=(err / residual).double())
                 if keep_inverse:
                     cols = columns(key, stats[key].unit_error) if columns is not None else torch.arange(hinv.shape[0])
-                    inverses[key] = (hinv[:, cols.to(hinv.device)].clone(), cols)
-                del hinv
+                    inverses[key] = (hinv[:, cols.to(hinv.device)].clone(), cols, mean)
+                del hinv, gram
             del grams
         else:
             outputs = block_outputs(layers[i], inputs)
@@ -215,7 +227,9 @@ class CompensatedMasks:
     """
 
     def __init__(self, adapter: ArchAdapter, inverses: dict[GroupKey, tuple[torch.Tensor, torch.Tensor]]):
-        """`inverses[group]` = (H^-1[:, C], C) with C the candidate columns in candidate-unit order."""
+        """`inverses[group]` = (H^-1[:, C], C, mean) with C the candidate columns in candidate-unit order and
+        mean the input's mean when the refit fits a bias (None otherwise): the optimal update then also moves the
+        bias by W_R M_R mean, so the term acts on x - mean."""
         self.adapter = adapter
         self.inverses = inverses
         self._keep: dict[GroupKey, torch.Tensor] = {}
@@ -225,13 +239,14 @@ class CompensatedMasks:
     def set(self, keep: dict[GroupKey, torch.Tensor]) -> None:
         self._keep = {k: torch.as_tensor(v).bool() for k, v in keep.items()}
 
-    def _correction(self, key: GroupKey, dropped_units: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M_R, W_R) for the dropped candidate units, cached for the sub-model's next windows."""
+    def _correction(self, key: GroupKey, dropped_units: tuple[int, ...]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(M_R, W_R, M_R mean or None) for the dropped candidate units, cached for the sub-model's next windows."""
         cache_key = (key, dropped_units)
         if cache_key not in self._cache:
             if len(self._cache) > 4 * len(self.inverses):
                 self._cache.clear()
-            hinv_c, cols = self.inverses[key]
+            hinv_c, cols, mean = self.inverses[key]
             width = self.adapter.unit_width(key)
             pos = (torch.tensor(dropped_units)[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
             pos = pos.to(hinv_c.device)
@@ -240,7 +255,8 @@ class CompensatedMasks:
             M = torch.linalg.solve(h_RR, hinv_c[:, pos].t())  # [(H^-1)_RR]^-1 (H^-1)_R,:
             W = self.adapter.output_projection(key).weight
             # float32 whatever the model dtype: the term cancels the dropped columns' share of W x
-            self._cache[cache_key] = (M.float(), W[:, R].float())
+            shift = None if mean is None else (M @ mean.to(M.dtype)).float()  # M_R mean
+            self._cache[cache_key] = (M.float(), W[:, R].float(), shift)
         return self._cache[cache_key]
 
     def _hook(self, key: GroupKey, module: nn.Linear, args, output: torch.Tensor) -> torch.Tensor:
@@ -254,9 +270,11 @@ class CompensatedMasks:
             dropped = tuple((~rows[r]).nonzero().flatten().tolist())
             if not dropped:
                 continue
-            M, W_R = self._correction(key, dropped)
-            xr = x[r].to(M.dtype)
-            out[r] -= ((xr @ M.t()) @ W_R.t()).to(out.dtype)
+            M, W_R, shift = self._correction(key, dropped)
+            z = x[r].to(M.dtype) @ M.t()
+            if shift is not None:
+                z = z - shift
+            out[r] -= (z @ W_R.t()).to(out.dtype)
         return out
 
     def remove(self) -> None:

@@ -350,7 +350,8 @@ class PruneRun:
 
         stats, compensation = group_statistics(self.model, self.adapter, self.groups, windows, cfg.batch_size,
                                                damp=cfg.reconstruct_damp, keep_inverse=cfg.compensate,
-                                               refit=cfg.reconstruct, sequential=pool, columns=candidate_columns,
+                                               refit=cfg.reconstruct, sequential=pool, intercept=cfg.refit_bias,
+                                               columns=candidate_columns,
                                                progress=self._progress)
         return {k: stats[k].unit_error.numpy() for k in self.groups}, compensation
 

@@ -65,9 +65,11 @@ def test_unit_error_without_lstsq_is_the_error_that_refit_leaves(refit, width):
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "phi"])
-def test_compensated_sub_model_equals_refit_model(family):
+@pytest.mark.parametrize("intercept", [False, True])
+def test_compensated_sub_model_equals_refit_model(family, intercept):
     """A sub-model evaluated with compensation gives the logits of the model whose dropped units are removed and
-    whose output projections are refit (lstsq, same damping) on the same statistics."""
+    whose output projections are refit (lstsq, same damping, the bias too where the layer has one or
+    --refit-bias fits one) on the same statistics."""
     model = tiny_model(family).double()
     adapter = get_adapter(model)
     windows = torch.randint(0, 97, (6, 16), generator=torch.Generator().manual_seed(1))
@@ -79,7 +81,8 @@ def test_compensated_sub_model_equals_refit_model(family):
         width = adapter.unit_width(key)
         return (candidates[key][:, None] * width + torch.arange(width)).reshape(-1)
 
-    _, comp = group_statistics(model, adapter, groups, windows, 3, damp=0.01, keep_inverse=True, columns=columns)
+    _, comp = group_statistics(model, adapter, groups, windows, 3, damp=0.01, keep_inverse=True, columns=columns,
+                               intercept=intercept)
     keep_rows = {GroupKey(0, ATTENTION): torch.tensor([[0, 1], [1, 1]]),
                  GroupKey(1, MLP): torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1], [1, 0, 1, 0, 1, 0, 1, 0, 1, 0]]),
                  GroupKey(2, MLP): torch.tensor([[1] * 10, [0] * 10])}
@@ -97,10 +100,15 @@ def test_compensated_sub_model_equals_refit_model(family):
             width = ref.unit_width(key)
             cols = (kept[:, None] * width + torch.arange(width)).reshape(-1)
             lin = ref.output_projection(key)
-            fit = refit_projection(lin.weight, None, stats.gram[key], stats.sum[key], stats.tokens[key], cols, "lstsq", 0.01)
+            fit = refit_projection(lin.weight, lin.bias, stats.gram[key], stats.sum[key], stats.tokens[key], cols,
+                                   "lstsq", 0.01, intercept=intercept)
             ref.slice(key, kept)
+            if fit.bias is not None and ref.output_projection(key).bias is None:
+                ref.add_output_bias(key)
             with torch.no_grad():
                 ref.output_projection(key).weight.copy_(fit.weight)
+                if fit.bias is not None:
+                    ref.output_projection(key).bias.copy_(fit.bias)
         with torch.no_grad():
             torch.testing.assert_close(both[row], reference(windows[row:row + 1]).logits[0], atol=1e-6, rtol=0)
 
@@ -142,3 +150,34 @@ def test_sequential_obs_is_the_greedy_joint_removal(width):
     ranking = torch.argsort(sequential_obs_errors(W, hinv, width, 4), stable=True)
     assert ranking[:4].tolist() == order
     assert float(marginal[0]) == pytest.approx(float(obs_unit_errors(W, hinv, width).min()), rel=1e-10)
+
+
+def test_unit_errors_with_a_fitted_bias_are_the_errors_that_refit_leaves():
+    """With --refit-bias each unit's error is what the lstsq refit with a bias leaves when the unit goes alone:
+    up to the group's common residual scale, equal to an explicit slice-and-refit on the same inputs."""
+    model = tiny_model("llama").double()
+    adapter = get_adapter(model)
+    key = GroupKey(1, MLP)
+    windows = torch.randint(0, 97, (6, 16), generator=torch.Generator().manual_seed(5))
+    damp = 1e-3
+    stats, _ = group_statistics(model, adapter, [key], windows, 3, damp=damp, intercept=True)
+    plain, _ = group_statistics(model, adapter, [key], windows, 3, damp=damp)
+    lin = adapter.output_projection(key)
+    X = []
+    handle = lin.register_forward_pre_hook(lambda m, a: X.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(windows)
+    handle.remove()
+    X = torch.cat(X)
+    W, n = lin.weight.detach(), adapter.group_size(key)
+    G = X.T @ X
+    lam = damp * G.diagonal().mean()
+    explicit = []
+    for u in range(n):
+        keep = torch.tensor([c for c in range(n) if c != u])
+        fit = refit_projection(W, None, G, X.sum(0), X.shape[0], keep, "lstsq", damp=damp, intercept=True)
+        left = X @ W.T - (X[:, keep] @ fit.weight.T + fit.bias)
+        explicit.append(float((left ** 2).sum() + lam * ((fit.weight - W[:, keep]) ** 2).sum() + lam * W[:, u].pow(2).sum()))
+    ratio = stats[key].unit_error / torch.tensor(explicit, dtype=torch.float64)
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio[0])), rtol=1e-6, atol=0)
+    assert (stats[key].unit_error <= plain[key].unit_error * (1 + 1e-9)).all()  # a bias only ever helps

@@ -314,9 +314,6 @@ def prune_cmd(
                                                   help="lstsq damping, relative to the Gram matrix's mean diagonal (0.01)."),
     reconstruct_samples: int | None = typer.Option(None, "--reconstruct-samples",
                                                    help="Calibration windows for the refit (default: --calib-samples)."),
-    refit_bias: bool | None = typer.Option(None, "--refit-bias/--no-refit-bias",
-                                           help="lstsq: also fit an output bias where a layer has none (the saved "
-                                                "model then carries o_proj/down_proj biases in its plan)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the run's cost (iterations, sub-models, forward "
                                                           "tokens, time from a timing probe, peak memory) and stop."),
@@ -347,8 +344,7 @@ def prune_cmd(
                      llmp_layer_start=llmp_layer_start, llmp_layer_end=llmp_layer_end,
                      global_ranking=global_ranking or None, besa_granularity=besa_granularity, besa_levels=besa_levels,
                      besa_epochs=besa_epochs, besa_lr=besa_lr, besa_penalty=besa_penalty, besa_wbits=besa_wbits,
-                     reconstruct=reconstruct, reconstruct_damp=reconstruct_damp, reconstruct_samples=reconstruct_samples,
-                     refit_bias=refit_bias)
+                     reconstruct=reconstruct, reconstruct_damp=reconstruct_damp, reconstruct_samples=reconstruct_samples)
     cfg = build_config(config, overrides)
     if model is None and config is None:
         raise BonsaiError("--model is required (or a --config that names one)")

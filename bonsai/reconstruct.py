@@ -115,12 +115,11 @@ def _damped_cholesky(a: torch.Tensor, weight_dims: int, damp: float, scale: floa
 
 def refit_projection(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, col_sum: torch.Tensor,
                      tokens: int, keep_cols: torch.Tensor, mode: str, damp: float = DEFAULT_DAMP,
-                     warn: Callable[[str], None] | None = None, where: str = "layer", intercept: bool = False) -> Refit:
+                     warn: Callable[[str], None] | None = None, where: str = "layer") -> Refit:
     """Closed-form refit of a linear y = W x + b restricted to input columns `keep_cols` (see module doc).
 
     All arithmetic happens in the Gram matrix's dtype; the result is cast back to the weight's dtype.
-    With every column kept the weights are returned unchanged. `intercept` (lstsq): a layer without a bias
-    gets one, fit jointly (the removed columns' mean then costs nothing).
+    With every column kept the weights are returned unchanged.
     """
     if mode not in RECONSTRUCT_MODES:
         raise BonsaiError(f"unknown reconstruction {mode!r}: choose from {', '.join(RECONSTRUCT_MODES)}")
@@ -137,8 +136,6 @@ def refit_projection(weight: torch.Tensor, bias: torch.Tensor | None, gram: torc
         raise BonsaiError(f"{where}: non-finite activation statistics (inf/NaN in the calibration forward pass); "
                           "nothing was written. Try --dtype float32 or other calibration data")
     W_S = W[:, keep_cols]
-    if intercept and mode == "lstsq" and b is None:
-        b = torch.zeros(W.shape[0], dtype=dtype, device=device)
     new_b = b
     used_damp = 0.0
     if mode == "bias":
@@ -232,10 +229,10 @@ def _apply_refit(adapter: ArchAdapter, key: GroupKey, keep: torch.Tensor, refit:
 def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, torch.Tensor], windows: torch.Tensor | None,
                  mode: str, damp: float = DEFAULT_DAMP, batch_size: int = 1, progress=None,
                  on_warning: Callable[[str], None] | None = None,
-                 on_block: Callable[[int], None] | None = None, intercept: bool = False) -> RemovalReport:
+                 on_block: Callable[[int], None] | None = None) -> RemovalReport:
     """Physically remove every unit not in `keep[group]` (indices into the group's current units) and, unless
     `mode` is none, refit the output projections block by block on `windows` (see module doc). `on_block(i)`
-    is called after block i is done; `intercept`: lstsq refits give bias-less layers a bias (see refit_projection)."""
+    is called after block i is done."""
     from bonsai.baselines.layerwise import block_outputs, capture_block_inputs
 
     report = RemovalReport()
@@ -270,7 +267,7 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
                     raise BonsaiError(f"layer {key}: no activations reached its output projection")
                 cols = _kept_columns(adapter, key, todo[key])
                 refit = refit_projection(lin.weight, lin.bias, stats.gram[key], stats.sum[key], stats.tokens[key],
-                                         cols, mode, damp, warn, where=f"layer {key}", intercept=intercept)
+                                         cols, mode, damp, warn, where=f"layer {key}")
                 report.groups[str(key)] = {"units_before": adapter.group_size(key), "units_after": len(todo[key]),
                                            "error_dropped": refit.error_dropped, "error_refit": refit.error_refit,
                                            "damp": refit.damp}

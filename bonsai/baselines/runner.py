@@ -228,8 +228,7 @@ class BaselineRun:
             windows = calibration_windows(self.tokenizer, cfg.calib, cfg.reconstruct_samples or cfg.calib_samples,
                                           self.seqlen, seed=cfg.seed * 100003 + 50021)
         removal = remove_units(self.model, adapter, keep, windows, cfg.reconstruct, cfg.reconstruct_damp,
-                               cfg.batch_size, progress, on_warning=lambda m: console.print(f"[yellow]{m}"),
-                               intercept=cfg.refit_bias)
+                               cfg.batch_size, progress, on_warning=lambda m: console.print(f"[yellow]{m}"))
         return {
             "attention_units": [adapter.group_size(GroupKey(i, "attention")) for i in range(adapter.num_layers)],
             "mlp_units": [adapter.group_size(GroupKey(i, "mlp")) for i in range(adapter.num_layers)],

@@ -157,14 +157,14 @@ def unit_errors(weight: torch.Tensor, gram: torch.Tensor, col_sum: torch.Tensor,
 @torch.no_grad()
 def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], windows: torch.Tensor,
                      batch_size: int, damp: float = DEFAULT_DAMP, keep_inverse: bool = False, refit: str = "lstsq",
-                     sequential: Callable[[GroupKey], int] | None = None, intercept: bool = False,
+                     sequential: Callable[[GroupKey], int] | None = None,
                      columns: Callable[[GroupKey, torch.Tensor], torch.Tensor] | None = None, progress=None
                      ) -> tuple[dict[GroupKey, GroupStats], dict[GroupKey, tuple[torch.Tensor, torch.Tensor]]]:
     """Unit errors of every group under the `refit` to come (compensated for lstsq), block by block on the
     current model (one Gram matrix at a time). With `keep_inverse`, also return per group (H^-1[:, C], C):
     `columns(group, unit_errors)` picks the columns C to keep (default: all), so that only those outlive the
-    group's turn (at 7B a whole H^-1 is ~0.5 GB per layer), and the mean input where the lstsq refit fits a bias
-    (the layer has one, or `intercept`: errors and compensation are then on the covariance). `sequential(group)`: units to order
+    group's turn (at 7B a whole H^-1 is ~0.5 GB per layer), and the mean input where the layer has a bias (the
+    lstsq refit fits it jointly: errors and compensation are then on the covariance). `sequential(group)`: units to order
     by sequential OBS (0: each unit alone)."""
     from bonsai.baselines.layerwise import block_outputs, capture_block_inputs
 
@@ -188,9 +188,9 @@ def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupK
                                       "pass); nothing was written. Try --dtype float32 or other calibration data")
                 gram, mean = grams.gram[key], None
                 lin = adapter.output_projection(key)
-                if refit == "lstsq" and (intercept or lin.bias is not None):
-                    # the refit fits a bias (the layer's own, or one --refit-bias adds), which takes the mean:
-                    # the least squares act on the covariance
+                if refit == "lstsq" and lin.bias is not None:
+                    # the refit fits the layer's bias jointly, which takes the mean: the least squares act on the
+                    # covariance
                     mean = grams.sum[key] / max(grams.tokens[key], 1)
                     gram = gram - grams.tokens[key] * torch.outer(mean, mean)
                 hinv = None
@@ -228,7 +228,7 @@ class CompensatedMasks:
 
     def __init__(self, adapter: ArchAdapter, inverses: dict[GroupKey, tuple[torch.Tensor, torch.Tensor]]):
         """`inverses[group]` = (H^-1[:, C], C, mean) with C the candidate columns in candidate-unit order and
-        mean the input's mean when the refit fits a bias (None otherwise): the optimal update then also moves the
+        mean the input's mean when the layer has a bias (None otherwise): the optimal update then also moves the
         bias by W_R M_R mean, so the term acts on x - mean."""
         self.adapter = adapter
         self.inverses = inverses

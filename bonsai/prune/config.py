@@ -76,7 +76,6 @@ class PruneConfig:
     reconstruct: str | None = None  # lstsq for structured methods, none for unstructured ones (nothing to refit)
     reconstruct_damp: float = 1e-2
     reconstruct_samples: int | None = None  # windows for the refit (default: calib_samples)
-    refit_bias: bool = False  # lstsq: fit an output bias too where the layer has none (the model then carries one)
     # --- Wanda / BESA (unstructured baselines)
     sparsity_type: str = "unstructured"
     # --- LLM-Pruner
@@ -157,8 +156,6 @@ class PruneConfig:
                                     or self.method not in BONSAI_METHODS):
             raise BonsaiError("--sequential-obs orders units by their compensated errors: it needs --prior obs and "
                               "--reconstruct lstsq with a bonsai method")
-        if self.refit_bias and self.reconstruct != "lstsq":
-            raise BonsaiError("--refit-bias fits a bias with the least-squares refit: it needs --reconstruct lstsq")
         if self.reconstruct not in RECONSTRUCT_MODES:
             raise BonsaiError(f"unknown --reconstruct {self.reconstruct!r}: choose from {', '.join(RECONSTRUCT_MODES)}")
         if self.reconstruct != "none" and self.method not in STRUCTURED_METHODS:

@@ -350,8 +350,7 @@ class PruneRun:
 
         stats, compensation = group_statistics(self.model, self.adapter, self.groups, windows, cfg.batch_size,
                                                damp=cfg.reconstruct_damp, keep_inverse=cfg.compensate,
-                                               refit=cfg.reconstruct, sequential=pool, intercept=cfg.refit_bias,
-                                               columns=candidate_columns,
+                                               refit=cfg.reconstruct, sequential=pool, columns=candidate_columns,
                                                progress=self._progress)
         return {k: stats[k].unit_error.numpy() for k in self.groups}, compensation
 
@@ -562,7 +561,7 @@ class PruneRun:
             if self.dist.is_main:
                 report = remove_units(self.model, self.adapter, keep, self._recon_windows(t), cfg.reconstruct,
                                       cfg.reconstruct_damp, cfg.batch_size, progress,
-                                      on_warning=lambda m: console.print(f"[yellow]{m}"), intercept=cfg.refit_bias)
+                                      on_warning=lambda m: console.print(f"[yellow]{m}"))
                 tensors = self._refit_tensors()
             report, tensors = self.dist.broadcast((report, tensors))
             if not self.dist.is_main:
@@ -571,8 +570,7 @@ class PruneRun:
         else:
             report = remove_units(self.model, self.adapter, keep, self._recon_windows(t) if refit else None,
                                   cfg.reconstruct, cfg.reconstruct_damp, cfg.batch_size, progress,
-                                  on_warning=lambda m: console.print(f"[yellow]{m}"), on_block=_abort_hook(t),
-                                  intercept=cfg.refit_bias)
+                                  on_warning=lambda m: console.print(f"[yellow]{m}"), on_block=_abort_hook(t))
         for key, kept in keep.items():
             original = state.kept[str(key)]
             state.kept[str(key)] = [original[u] for u in kept]

@@ -328,31 +328,6 @@ def test_uniform_allocation_saves_a_stock_config(tmp_path):
         torch.testing.assert_close(stock(ids).logits, parent(ids).logits, atol=1e-5, rtol=0)
 
 
-def test_refit_bias_saves_biases_that_reload(tmp_path):
-    """--refit-bias: the refit output projections of a bias-less family carry biases exactly where units were
-    removed, and the checkpoint reloads with bonsai and stock transformers to the run's logits."""
-    from transformers import AutoModelForCausalLM
-
-    from bonsai.adapters import GroupKey, get_adapter
-
-    run, report = prune(tmp_path / "b", model="tiny", sparsity=0.3, p_iter=0.1, method="prior-only", refit_bias=True)
-    parent = get_adapter(load_model("tiny", device="cpu"))
-    pruned = [GroupKey.parse(k) for k, kept in report["kept_units"].items()
-              if len(kept) < parent.group_size(GroupKey.parse(k))]
-    assert pruned
-    for key in run.adapter.groups():  # a bias exactly where the refit ran
-        lin = run.adapter.output_projection(key)
-        assert (lin.bias is not None and float(lin.bias.detach().abs().sum()) > 0) == (key in pruned), key
-    ids = torch.randint(0, 4000, (2, 24))
-    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "b", trust_remote_code=True, dtype=torch.float32)
-    with torch.no_grad():
-        ref = run.model(ids).logits
-        torch.testing.assert_close(stock(ids).logits, ref, atol=1e-5, rtol=0)
-        torch.testing.assert_close(load_model(str(tmp_path / "b"), device="cpu")(ids).logits, ref, atol=1e-5, rtol=0)
-    with pytest.raises(Exception, match="--refit-bias"):
-        PruneConfig(model="tiny", refit_bias=True, reconstruct="none").validate()
-
-
 def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, monkeypatch, capsys):
     from bonsai.cli import main
 

@@ -42,27 +42,6 @@ def test_lstsq_equals_closed_form_least_squares():
     torch.testing.assert_close(fit.bias, expect[:, -1], atol=1e-10, rtol=0)
 
 
-def test_intercept_fits_a_bias_where_the_layer_has_none():
-    """--refit-bias: a bias-less layer's refit is the least-squares fit on [x_S, 1] of W x, and it never fits
-    the calibration tokens worse than the refit without it."""
-    X, W, _ = _problem(5)
-    keep = torch.tensor([1, 3, 4, 8, 10])
-    G, s, n = _stats(X)
-    fit = refit_projection(W, None, G, s, n, keep, "lstsq", damp=0.0, intercept=True)
-    ones = torch.ones(n, 1, dtype=X.dtype)
-    expect = torch.linalg.lstsq(torch.cat([X[:, keep], ones], 1), X @ W.T).solution.T
-    torch.testing.assert_close(fit.weight, expect[:, :-1], atol=1e-10, rtol=0)
-    torch.testing.assert_close(fit.bias, expect[:, -1], atol=1e-10, rtol=0)
-    plain = refit_projection(W, None, G, s, n, keep, "lstsq", damp=0.01)
-    with_bias = refit_projection(W, None, G, s, n, keep, "lstsq", damp=0.01, intercept=True)
-    assert with_bias.error_refit < plain.error_refit
-    # only lstsq fits one; a layer that has a bias is refit as before
-    assert refit_projection(W, None, G, s, n, keep, "none", intercept=True).bias is None
-    b = torch.ones(W.shape[0], dtype=X.dtype)
-    torch.testing.assert_close(refit_projection(W, b, G, s, n, keep, "lstsq", intercept=True).bias,
-                               refit_projection(W, b, G, s, n, keep, "lstsq").bias)
-
-
 def test_damping_pulls_towards_the_current_weights():
     """Damped lstsq = ridge towards W_S: min ||W X - W' X_S||^2 + lam ||W' - W_S||^2 (an augmented least squares)."""
     X, W, _ = _problem(1)

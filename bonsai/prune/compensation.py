@@ -31,6 +31,15 @@ from bonsai.errors import BonsaiError
 from bonsai.reconstruct import DEFAULT_DAMP, GramStats, damp_scale, gram_dtype
 
 
+# per group: (H^-1[:, C], C, mean input or None), see group_statistics and CompensatedMasks
+Inverse = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def centred_gram(gram: torch.Tensor, col_sum: torch.Tensor, tokens: int) -> torch.Tensor:
+    """G - n mu mu^T: the Gram matrix about the mean, what is left to explain once a bias takes the mean."""
+    return gram - torch.outer(col_sum, col_sum) / max(tokens, 1)
+
+
 @dataclass
 class GroupStats:
     """What one group's Gram matrix says about its units (current model, calibration windows)."""
@@ -150,7 +159,7 @@ def unit_errors(weight: torch.Tensor, gram: torch.Tensor, col_sum: torch.Tensor,
             return sequential_obs_errors(weight, hinv, width, sequential)
         return obs_unit_errors(weight, hinv, width)
     if refit == "bias":  # the mean is folded into the bias: only the fluctuation around it is lost
-        gram = gram - torch.outer(col_sum, col_sum) / max(tokens, 1)
+        gram = centred_gram(gram, col_sum, tokens)
     return direct_unit_errors(weight, gram, width)
 
 
@@ -159,20 +168,20 @@ def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupK
                      batch_size: int, damp: float = DEFAULT_DAMP, keep_inverse: bool = False, refit: str = "lstsq",
                      sequential: Callable[[GroupKey], int] | None = None,
                      columns: Callable[[GroupKey, torch.Tensor], torch.Tensor] | None = None, progress=None
-                     ) -> tuple[dict[GroupKey, GroupStats], dict[GroupKey, tuple[torch.Tensor, torch.Tensor]]]:
+                     ) -> tuple[dict[GroupKey, GroupStats], dict[GroupKey, Inverse]]:
     """Unit errors of every group under the `refit` to come (compensated for lstsq), block by block on the
-    current model (one Gram matrix at a time). With `keep_inverse`, also return per group (H^-1[:, C], C):
+    current model (one Gram matrix at a time). With `keep_inverse`, also return per group (H^-1[:, C], C, mean):
     `columns(group, unit_errors)` picks the columns C to keep (default: all), so that only those outlive the
-    group's turn (at 7B a whole H^-1 is ~0.5 GB per layer), and the mean input where the layer has a bias (the
-    lstsq refit fits it jointly: errors and compensation are then on the covariance). `sequential(group)`: units to order
-    by sequential OBS (0: each unit alone)."""
+    group's turn (at 7B a whole H^-1 is ~0.5 GB per layer); mean is the input's mean where the layer has a
+    bias (the lstsq refit fits it jointly, so errors and compensation are on the covariance), else None.
+    `sequential(group)`: units to order by sequential OBS (0: each unit alone)."""
     from bonsai.baselines.layerwise import block_outputs, capture_block_inputs
 
     layers = adapter.layers()
     wanted = {k.layer for k in groups}
     inputs = capture_block_inputs(model, layers, windows, batch_size)
     stats: dict[GroupKey, GroupStats] = {}
-    inverses: dict[GroupKey, tuple[torch.Tensor, torch.Tensor]] = {}
+    inverses: dict[GroupKey, Inverse] = {}
     n_blocks = max(wanted) + 1 if wanted else 0
     task = progress.add_task("unit errors", total=n_blocks, info="Gram, block by block") if progress is not None else None
     for i in range(n_blocks):
@@ -188,13 +197,11 @@ def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupK
                                       "pass); nothing was written. Try --dtype float32 or other calibration data")
                 gram, mean = grams.gram[key], None
                 lin = adapter.output_projection(key)
-                if refit == "lstsq" and lin.bias is not None:
-                    # the refit fits the layer's bias jointly, which takes the mean: the least squares act on the
-                    # covariance
+                if refit == "lstsq" and lin.bias is not None:  # the refit fits the bias jointly: it takes the mean
                     mean = grams.sum[key] / max(grams.tokens[key], 1)
-                    gram = gram - grams.tokens[key] * torch.outer(mean, mean)
+                    gram = centred_gram(gram, grams.sum[key], grams.tokens[key])
                 hinv = None
-                if refit == "lstsq" or keep_inverse:  # damped as the refit is: relative to the raw Gram's diagonal
+                if refit == "lstsq" or keep_inverse:  # damped as the refit is, relative to the raw Gram's diagonal
                     hinv = damped_inverse(gram, damp, damp_scale(grams.gram[key]))
                 err = unit_errors(lin.weight, grams.gram[key], grams.sum[key],
                                   grams.tokens[key], adapter.unit_width(key), refit, hinv,
@@ -226,14 +233,14 @@ class CompensatedMasks:
     sub-models. `set` takes, per group, a (rows, candidate units) 0/1 keep matrix over the candidates.
     """
 
-    def __init__(self, adapter: ArchAdapter, inverses: dict[GroupKey, tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, adapter: ArchAdapter, inverses: dict[GroupKey, Inverse]):
         """`inverses[group]` = (H^-1[:, C], C, mean) with C the candidate columns in candidate-unit order and
         mean the input's mean when the layer has a bias (None otherwise): the optimal update then also moves the
         bias by W_R M_R mean, so the term acts on x - mean."""
         self.adapter = adapter
         self.inverses = inverses
         self._keep: dict[GroupKey, torch.Tensor] = {}
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._handles = [adapter.output_projection(k).register_forward_hook(partial(self._hook, k)) for k in inverses]
 
     def set(self, keep: dict[GroupKey, torch.Tensor]) -> None:
@@ -290,5 +297,6 @@ class CompensatedMasks:
         self.remove()
 
 
-__all__ = ["ATTENTION", "MLP", "CompensatedMasks", "GroupStats", "direct_unit_errors", "group_statistics",
+__all__ = ["ATTENTION", "MLP", "CompensatedMasks", "GroupStats", "Inverse", "centred_gram", "direct_unit_errors",
+           "group_statistics",
            "greedy_obs_path", "obs_unit_errors", "sequential_obs_errors", "unit_errors"]

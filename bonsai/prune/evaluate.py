@@ -7,6 +7,7 @@ so small calibration sets still fill a batch. The loss is accumulated in float32
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ from bonsai.eval.perplexity import batch_nll, model_device
 from bonsai.finetune.distill import TopK, teacher_topk, topk_kl
 from bonsai.masking import UnitMasks
 from bonsai.prune.priors import NEEDS_ACTIVATIONS, ActivationStats, unit_prior
+
+if TYPE_CHECKING:
+    from bonsai.prune.compensation import Inverse
 
 
 REFERENCE_TOP_K = 64  # next-token log-probabilities kept per position for the KL utility
@@ -70,9 +74,9 @@ class SubModelEvaluator:
 
     def __init__(self, model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], windows: torch.Tensor,
                  full_masks: dict[GroupKey, torch.Tensor], batch_size: int, prior: str | None = None,
-                 compensation: dict[GroupKey, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 compensation: dict[GroupKey, Inverse] | None = None,
                  candidates: dict[GroupKey, torch.Tensor] | None = None, reference: TopK | None = None):
-        """`compensation` (group -> (H^-1[:, C], C), see `bonsai.prune.compensation`) evaluates every sub-model
+        """`compensation` (group -> (H^-1[:, C], C, mean), see `bonsai.prune.compensation`) evaluates every sub-model
         with its dropped units compensated; `candidates` (group -> candidate unit indices) then says which
         columns of the full masks those are."""
         self.model, self.adapter, self.groups = model, adapter, groups

@@ -275,7 +275,8 @@ def prune_cmd(
     sequential_obs: bool | None = typer.Option(None, "--sequential-obs/--no-sequential-obs",
                                                help="Rank each group's candidates along their greedy joint removal "
                                                     "(sequential OBS: remove the cheapest, update, repeat) instead of "
-                                                    "by each unit's compensated error alone."),
+                                                    "by each unit's compensated error alone (default with --prior obs, "
+                                                    "--reconstruct lstsq and the probe selection)."),
     utility: str | None = typer.Option(None, help="A sub-model's utility: kl (default: -KL from the current model's "
                                                   "next-token distributions) | loss (-LM loss, the paper's)."),
     width_multiple: int | None = typer.Option(None, "--width-multiple",

@@ -4,10 +4,11 @@
 Prints: time per sub-model evaluation vs a plain forward over the same tokens; peak memory of the
 prune steps vs a plain forward with the same batch (GPU: max allocated; CPU: peak RSS); the
 regression's share of an iteration's time; and the forward speedup of a model sliced to a sparsity.
-With `--cheaper`, three ways to make a sub-model cheaper, each as a ratio to a plain forward over the same
+With `--cheaper`, four ways to make a sub-model cheaper, each as a ratio to a plain forward over the same
 tokens, measured side by side: (a) 4x more, 4x shorter windows at equal tokens; (b) one sub-model evaluated
 with its dropped units physically skipped (its kept rows and columns gathered by index_select into a
-functional forward) instead of zeroed by masks; (c) bfloat16 instead of float32 (CPU).
+functional forward) instead of zeroed by masks; (c) bfloat16 instead of float32 (CPU); (d) the probe
+selection's one-group sub-models started at their own block from the current model's kept states.
 
   python scripts/bench_prune.py --model tiny --seqlen 128 --windows 16 --batch-size 16
   python scripts/bench_prune.py --model runs/models/smollm2-135m --seqlen 512 --windows 8 --batch-size 8 --cheaper
@@ -110,7 +111,8 @@ def skipped_params(model, adapter, full: dict, row: int) -> dict:
 
 
 def cheaper_submodels(model, adapter, keys, windows, full, args, device, t_plain: float, per_sub: float) -> dict:
-    """(a) shorter windows at equal tokens, (b) dropped units skipped instead of masked, (c) bf16 vs fp32."""
+    """(a) shorter windows at equal tokens, (b) dropped units skipped instead of masked, (c) bf16 vs fp32,
+    (d) probe sub-models started at their own block."""
     from torch.func import functional_call
 
     from bonsai.eval.perplexity import window_nll
@@ -150,6 +152,21 @@ def cheaper_submodels(model, adapter, keys, windows, full, args, device, t_plain
                       "skipped_over_forward": t_skipped / t_plain,
                       "utility_masked": float(u_masked[0]), "utility_skipped": float(u_skipped),
                       "kept_share": float(np.mean([m[0].float().mean().item() for m in full.values()]))}
+    # (d) the probe selection's sub-models (one group each): every forward from block 0, against each one
+    #     started at its own block from the current model's kept states (`bonsai.prune.prefix`)
+    probe_full = {k: torch.ones(len(keys), adapter.group_size(k), dtype=torch.uint8) for k in keys}
+    for row, k in enumerate(keys):
+        probe_full[k][row, : max(1, adapter.group_size(k) // 5)] = 0
+    rows = list(range(len(keys)))
+    times, utilities = {}, {}
+    for name, reuse in (("from_block_0", False), ("from_own_block", True)):
+        ev = SubModelEvaluator(model, adapter, keys, windows, probe_full, args.batch_size, reuse_prefix=reuse)
+        times[name], (utilities[name], _) = timed(lambda ev=ev: ev.evaluate(rows), device, repeats=1)
+    out["probes"] = {"probes": len(rows), **{f"{n}_s": t for n, t in times.items()},
+                     "per_probe_over_forward": {n: t / len(rows) / t_plain for n, t in times.items()},
+                     "own_block_over_block_0": times["from_own_block"] / times["from_block_0"],
+                     "max_utility_difference": float(np.max(np.abs(utilities["from_own_block"]
+                                                                   - utilities["from_block_0"])))}
     # (c) bf16 against fp32 for a plain forward (CPU only: on GPUs bf16 is the default)
     if device.type == "cpu":
         dtype = next(model.parameters()).dtype
@@ -170,6 +187,11 @@ def cheaper_submodels(model, adapter, keys, windows, full, args, device, t_plain
           f"{b['skipped_over_masked']:.2f}x; utilities {b['utility_masked']:.5f} vs {b['utility_skipped']:.5f}")
     if "bf16_over_fp32" in out:
         print(f"(c) bfloat16 / float32 plain forward on this CPU: {out['bf16_over_fp32']:.2f}x")
+    d = out["probes"]
+    print(f"(d) {d['probes']} probe sub-models (one group each): {d['per_probe_over_forward']['from_block_0']:.2f}x a "
+          f"plain forward each from block 0, {d['per_probe_over_forward']['from_own_block']:.2f}x from their own "
+          f"block: {d['own_block_over_block_0']:.2f}x the time (utilities differ by at most "
+          f"{d['max_utility_difference']:.1e})")
     return out
 
 

@@ -111,7 +111,7 @@ def _masked_params(linears: dict, state: dict[str, LayerSparsity], bits: int | N
 def _block_mse(block, inputs: BlockInputs, targets: list[torch.Tensor], params: dict) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
-        for h, kw, y in zip(inputs.hidden, inputs.kwargs, targets, strict=True):
+        for h, kw, y in zip(inputs.hidden, inputs.kwargs_for(block), targets, strict=True):
             out = functional_call(block, params, (h,), kw) if params else run_block(block, h, kw)
             out = out[0] if isinstance(out, tuple) else out
             total += F.mse_loss(out.float(), y.float(), reduction="sum").item()
@@ -219,7 +219,7 @@ def _learn_block(block, adapter, inputs: BlockInputs, targets, input_norms: dict
         if progress else None
     for _ in range(cfg.besa_epochs):
         running = 0.0
-        for h, kw, y in zip(inputs.hidden, inputs.kwargs, targets, strict=True):
+        for h, kw, y in zip(inputs.hidden, inputs.kwargs_for(block), targets, strict=True):
             out = functional_call(block, _masked_params(linears, state, cfg.besa_wbits), (h,), kw)
             out = out[0] if isinstance(out, tuple) else out
             rec = F.mse_loss(out.float(), y.float()) / max(scale, 1e-12)

@@ -1,15 +1,17 @@
-"""Block-by-block execution for the reconstruction-style baselines (Wanda, BESA).
+"""Block-by-block execution: the reconstruction, the unit errors, and the layer-wise baselines (Wanda, BESA).
 
-The model's own forward is run up to the first decoder block, where a pre-hook captures the hidden
-states and every keyword argument the model passes its blocks (position embeddings, masks ...). Each
-block can then be run on its own with those arguments, so only one block's activations (plus the
-calibration hidden states) are needed at a time, and no module name beyond the adapter's `layers()`
-is ever used.
+The model's own forward is run with every decoder block passed through, and pre-hooks capture the first
+block's hidden states and the keyword arguments the model passes each block (position embeddings, masks
+...; they differ between blocks in families with sliding-window layers). Each block can then be run on its
+own with its arguments, so only one block's activations (plus the calibration hidden states) are needed at
+a time, and no module name beyond the adapter's `layers()` is ever used.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,35 +27,85 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
+class PassThrough(nn.Module):
+    """Stands in for a block that is not to run: returns its hidden states unchanged (blocks return a tensor in
+    transformers 5; tests run every family through it). Other attributes read through to the block."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: its parameters stay where they are
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+
+@contextmanager
+def blocks_passed_through(layers: nn.ModuleList, indices: range) -> Iterator[None]:
+    """Within the block, `layers[j]` for j in `indices` return their input (the modules are put back after)."""
+    saved = {j: layers[j] for j in indices}
+    try:
+        for j, block in saved.items():
+            layers[j] = PassThrough(block)
+        yield
+    finally:
+        for j, block in saved.items():
+            layers[j] = block
+
+
 @dataclass
 class BlockInputs:
-    """Hidden states entering a block, per calibration batch, and the keyword arguments of each batch."""
+    """Hidden states entering a block, per calibration batch, and the keyword arguments the model passes each
+    block, per batch. Blocks can differ in them (Gemma-2/3 and Qwen's sliding layers get another attention
+    mask, Gemma-3's another rotary embedding), so they are kept per block: use `kwargs_for(block)`."""
 
     hidden: list[torch.Tensor]
-    kwargs: list[dict]
+    block_kwargs: list[list[dict]]  # [block index][batch]
+    blocks: list[nn.Module]
+
+    def kwargs_for(self, block: nn.Module) -> list[dict]:
+        for i, b in enumerate(self.blocks):
+            if b is block:
+                return self.block_kwargs[i]
+        raise ValueError("not one of the model's blocks")
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int,
                          store_device: torch.device | None = None) -> BlockInputs:
+    """The first block's input and every block's keyword arguments, per batch of `batch_size` consecutive
+    windows: one forward with every block passed through, stopped before the head."""
     device = next(model.parameters()).device
-    hidden, kwargs = [], []
+    blocks = list(layers)
+    hidden, block_kwargs = [], [[] for _ in blocks]
 
-    def hook(module, args, kw):
-        hidden.append(args[0].to(store_device or args[0].device))
-        kwargs.append(dict(kw))
-        raise _Stop
+    def hook(i: int):
+        def record(module, args, kw):
+            if i == 0:
+                x = args[0] if args else kw["hidden_states"]
+                hidden.append(x.to(store_device or x.device))
+            block_kwargs[i].append({k: v for k, v in kw.items() if k != "hidden_states"})
+            if i == len(blocks) - 1:
+                raise _Stop
+        return record
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for start in range(0, windows.shape[0], batch_size):
-            try:
-                model(windows[start:start + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return BlockInputs(hidden, kwargs)
+    with blocks_passed_through(layers, range(len(blocks))):
+        handles = [layers[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in range(len(blocks))]
+        try:
+            for start in range(0, windows.shape[0], batch_size):
+                try:
+                    model(windows[start:start + batch_size].to(device), use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+    return BlockInputs(hidden, block_kwargs, blocks)
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -63,7 +115,7 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
 
 @torch.no_grad()
 def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    return [run_block(block, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True)]
+    return [run_block(block, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs_for(block), strict=True)]
 
 
 def block_linears(block: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Linear]:

@@ -246,6 +246,10 @@ class CompensatedMasks:
     def set(self, keep: dict[GroupKey, torch.Tensor]) -> None:
         self._keep = {k: torch.as_tensor(v).bool() for k, v in keep.items()}
 
+    def clear(self) -> None:
+        """Every group back to the model as it is (until the next `set`)."""
+        self._keep = {}
+
     def _correction(self, key: GroupKey, dropped_units: tuple[int, ...]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(M_R, W_R, M_R mean or None) for the dropped candidate units, cached for the sub-model's next windows."""

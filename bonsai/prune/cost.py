@@ -4,6 +4,8 @@ Per iteration a run spends, in forward-pass tokens (C: calibration tokens, R: re
   prior pass                       C
   unit errors, block by block      R       (probe selection, the obs prior, or compensated sub-models)
   sub-models                       n x C   (probe: 2 x layers x depths; paper: --samples)
+                                   a probe of layer i runs blocks i.. and the head only (`prune.prefix`): on
+                                   average (L+1)/2L of the blocks, plus one pass to advance the kept states
   refit, block by block            3 x R   (2 x R for a parallel block; 0 with --reconstruct none)
 A forward costs in proportion to the parameters left, which shrink by p_iter each iteration. The seconds per
 token come from timing one batch on the actual device and dtype; the Gram solves (milliseconds to a second
@@ -80,15 +82,22 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
     n_sub = sub_models_per_iteration(cfg, len(groups))
     gram = cfg.selection == "probe" or cfg.prior == "obs" or (cfg.compensate and n_sub)
     refit = 0 if cfg.reconstruct == "none" else (2 if parallel_block else 3)
+    probe_share, advance = 1.0, 0
+    if cfg.selection == "probe" and n_sub:  # each probe starts at its own block
+        layers, head = adapter.num_layers, vocab * model.config.hidden_size
+        blocks = adapter.block_parameters()
+        probe_share = (head + blocks * (layers + 1) / (2 * layers)) / (head + blocks)
+        advance = C
     tokens = 0.0
     for t in range(iterations):
         left = 1.0 - cfg.sparsity * t / iterations  # the share of block parameters still there
-        tokens += left * (C + (R if gram else 0) + n_sub * C + refit * R)
+        tokens += left * (C + (R if gram else 0) + n_sub * C * probe_share + advance + refit * R)
     dtype_bytes = next(model.parameters()).element_size()
     widest = max(adapter.output_projection(k).in_features for k in groups)
     gram_bytes = 2 * widest * widest * (8 if device.type == "cpu" else 4)
     hidden = model.config.hidden_size
     states = R * hidden * dtype_bytes if (gram or refit) else 0
+    states += advance * hidden * dtype_bytes  # the probes' kept states
     comp = 0
     if cfg.compensate and n_sub:
         comp = sum(adapter.output_projection(k).in_features ** 2 * 2 * cfg.p_iter for k in groups) * 4

@@ -1,12 +1,15 @@
 """Forward passes over calibration windows: the unmasked model (prior + base loss) and sub-models (U).
 
 Sub-models are virtual (masks on a live model). Rows of a batch may belong to different sub-models,
-so small calibration sets still fill a batch. The loss is accumulated in float32/64.
+so small calibration sets still fill a batch (rows of one batch share the block their sub-models first
+differ from the current model in: the forward starts there, `bonsai.prune.prefix`). The loss is
+accumulated in float32/64.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +20,7 @@ from bonsai.adapters.base import ArchAdapter, GroupKey
 from bonsai.eval.perplexity import batch_nll, model_device
 from bonsai.finetune.distill import TopK, teacher_topk, topk_kl
 from bonsai.masking import UnitMasks
+from bonsai.prune.prefix import BlockPrefix, first_changed_layer
 from bonsai.prune.priors import NEEDS_ACTIVATIONS, ActivationStats, unit_prior
 
 if TYPE_CHECKING:
@@ -75,8 +79,11 @@ class SubModelEvaluator:
     def __init__(self, model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], windows: torch.Tensor,
                  full_masks: dict[GroupKey, torch.Tensor], batch_size: int, prior: str | None = None,
                  compensation: dict[GroupKey, Inverse] | None = None,
-                 candidates: dict[GroupKey, torch.Tensor] | None = None, reference: TopK | None = None):
-        """`compensation` (group -> (H^-1[:, C], C, mean), see `bonsai.prune.compensation`) evaluates every sub-model
+                 candidates: dict[GroupKey, torch.Tensor] | None = None, reference: TopK | None = None,
+                 reuse_prefix: bool = True):
+        """`reuse_prefix`: start each sub-model's forward at its first changed block, from the current model's
+        states there (`bonsai.prune.prefix`; not when per-sample priors need every block's activations).
+        `compensation` (group -> (H^-1[:, C], C, mean), see `bonsai.prune.compensation`) evaluates every sub-model
         with its dropped units compensated; `candidates` (group -> candidate unit indices) then says which
         columns of the full masks those are."""
         self.model, self.adapter, self.groups = model, adapter, groups
@@ -88,6 +95,8 @@ class SubModelEvaluator:
         self.candidates = candidates
         self.reference = reference
         self.device = model_device(model)
+        self.reuse_prefix = reuse_prefix and prior not in NEEDS_ACTIVATIONS
+        self._prefix: BlockPrefix | None = None  # kept across calls: chunks of one iteration share it
 
     def _masks(self):
         if self.compensation is None:
@@ -101,12 +110,38 @@ class SubModelEvaluator:
             return {k: self.full_masks[k].index_select(0, rows) for k in self.groups}
         return {k: self.full_masks[k].index_select(0, rows)[:, self.candidates[k]] for k in self.groups}
 
+    def _start_at(self, layer: int, masks, windows: torch.Tensor):
+        """A context in which the model's forward starts at block `layer` (a no-op for block 0), the kept states
+        first advanced there with every sub-model mask off."""
+        if layer == 0:
+            return nullcontext()
+        if self._prefix is None:
+            masks.clear()
+            self._prefix = BlockPrefix(self.model, self.adapter.layers(), self.windows, self.batch_size)
+        if self._prefix.layer != layer:
+            masks.clear()
+            self._prefix.advance(layer)
+        return self._prefix.start_here(windows)
+
+    def _batches(self, samples: list[int]) -> list[tuple[int, list[tuple[int, int]]]]:
+        """(first changed layer, (sample, window) pairs) per batch: with prefix reuse, sub-models in the order of
+        their first changed layer and a batch never mixing two layers; without, every batch starts at 0."""
+        n_win = self.windows.shape[0]
+        if not self.reuse_prefix:
+            pairs = [(s, w) for s in samples for w in range(n_win)]
+            return [(0, pairs[i:i + self.batch_size]) for i in range(0, len(pairs), self.batch_size)]
+        start = {s: first_changed_layer(self.full_masks, s, self.adapter.num_layers) for s in samples}
+        out = []
+        for layer in sorted(set(start.values())):
+            pairs = [(s, w) for s in samples if start[s] == layer for w in range(n_win)]
+            out += [(layer, pairs[i:i + self.batch_size]) for i in range(0, len(pairs), self.batch_size)]
+        return out
+
     @torch.no_grad()
     def evaluate(self, samples: list[int], on_row: Callable[[], None] | None = None
                  ) -> tuple[np.ndarray, dict[GroupKey, np.ndarray] | None]:
         """Utilities of `samples` and, if a prior is set, each sample's per-unit prior."""
         n_win, seq = self.windows.shape
-        pairs = [(s, w) for s in samples for w in range(n_win)]
         nll = np.zeros(len(samples))
         slot = {s: i for i, s in enumerate(samples)}
         collect = self.prior in NEEDS_ACTIVATIONS
@@ -116,17 +151,18 @@ class SubModelEvaluator:
         # registered after the masks, so the statistics see the sub-model's (masked) activations
         stats = ActivationStats(self.adapter, self.groups) if collect else None
         try:
-            for start in range(0, len(pairs), self.batch_size):
-                chunk = pairs[start:start + self.batch_size]
+            for layer, chunk in self._batches(samples):
                 rows = torch.tensor([s for s, _ in chunk])
-                batch = self.windows[[w for _, w in chunk]].to(self.device)
+                w = torch.tensor([w for _, w in chunk])
+                batch = self.windows[w].to(self.device)
+                start = self._start_at(layer, masks, w)
                 masks.set(self._row_masks(rows))
-                if self.reference is None:
-                    row_nll = batch_nll(self.model, batch).double().cpu().numpy()
-                else:
-                    w = torch.tensor([w for _, w in chunk])
-                    ref = TopK(self.reference.logprobs[w], self.reference.ids[w], self.reference.tail[w])
-                    row_nll = batch_kl(self.model, batch, ref).double().cpu().numpy()
+                with start:
+                    if self.reference is None:
+                        row_nll = batch_nll(self.model, batch).double().cpu().numpy()
+                    else:
+                        ref = TopK(self.reference.logprobs[w], self.reference.ids[w], self.reference.tail[w])
+                        row_nll = batch_kl(self.model, batch, ref).double().cpu().numpy()
                 for (s, _), v in zip(chunk, row_nll, strict=True):
                     nll[slot[s]] += v
                 if collect:

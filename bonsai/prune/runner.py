@@ -23,7 +23,7 @@ from bonsai.distributed import Dist
 from bonsai.errors import BonsaiError
 from bonsai.io import write_json_atomic
 from bonsai.progress import console, make_progress
-from bonsai.prune.config import PruneConfig
+from bonsai.prune.config import LEGACY_SETTINGS, PruneConfig
 from bonsai.prune.compensation import group_statistics
 from bonsai.prune.evaluate import SubModelEvaluator, prior_pass
 from bonsai.prune.priors import NEEDS_GRAM
@@ -143,7 +143,7 @@ class PruneRun:
             raise BonsaiError(f"output folder {self.out} already exists and holds no bonsai run; pass --force to replace it")
         state = self.store.load()
         # settings added since the run was checkpointed count as their defaults (what that version did)
-        defaults = PruneConfig().to_dict()
+        defaults = {**PruneConfig().to_dict(), **LEGACY_SETTINGS}
         stored = {**{k: defaults[k] for k in self.cfg.fingerprint() if k not in state.fingerprint}, **state.fingerprint}
         if stored != self.cfg.fingerprint():
             diff = sorted(k for k in set(stored) | set(self.cfg.fingerprint())

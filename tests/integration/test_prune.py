@@ -363,7 +363,11 @@ def test_cost_model_counts_the_forward_tokens():
     adapter = get_adapter(model)
     cost = estimate(cfg, model, adapter, adapter.groups(), 64, 3, False)
     C, R, n = 8 * 64, 16 * 64, 12  # probe: one sub-model per group
-    expect = sum((1 - 0.3 * t / 3) * (C + R + n * C + 3 * R) for t in range(3))
+    # a probe of layer i runs blocks i.. (L - i of L) and the head; one more pass advances the kept states
+    L, head = 6, model.config.vocab_size * model.config.hidden_size
+    blocks = sum(p.numel() for p in model.model.layers.parameters())
+    share = (head + blocks * sum((L - i) / L for i in range(L)) / L) / (head + blocks)
+    expect = sum((1 - 0.3 * t / 3) * (C + R + n * C * share + C + 3 * R) for t in range(3))
     assert cost.sub_models_per_iteration == 12 and cost.forward_tokens == pytest.approx(expect)
     assert cost.seconds == pytest.approx(cost.forward_tokens * cost.seconds_per_token)
     paper = PruneConfig(model="tiny", sparsity=0.3, p_iter=0.1, calib_samples=8, seqlen=64, samples=20, selection="paper",
@@ -431,6 +435,31 @@ def test_compensation_follows_the_refit():
     assert not PruneConfig(model="tiny", reconstruct="bias").validate().compensate
     assert not build_config(None, {"model": "tiny", "reconstruct": "none"}).compensate
     assert build_config(None, {"model": "tiny", "reconstruct": "none", "compensate": True}).compensate  # a flag wins
+
+
+def test_sequential_obs_is_the_default_of_the_probe_selection_under_the_lstsq_refit(tmp_path):
+    """On by default where it was measured (bonsai's probes, obs prior, lstsq); off wherever the compensated
+    errors are not what ranks the units; a flag wins; a run checkpointed before the setting existed (which
+    ranked by single errors) is refused rather than resumed as if it had ordered its units sequentially."""
+    from bonsai.errors import BonsaiError
+
+    assert PruneConfig(model="tiny").validate().sequential_obs
+    assert not PruneConfig(model="tiny", reconstruct="none").validate().sequential_obs
+    assert not PruneConfig(model="tiny", reconstruct="bias").validate().sequential_obs
+    assert not PruneConfig(model="tiny", method="prior-only").validate().sequential_obs
+    assert not PruneConfig(model="tiny", selection="paper", prior="wanda").validate().sequential_obs
+    assert not PruneConfig(model="tiny", method="flap").validate().sequential_obs
+    assert not build_config(None, {"model": "tiny", "sequential_obs": False}).sequential_obs
+    kw = dict(model="tiny", sparsity=0.1, p_iter=0.1, seqlen=32, calib_samples=2, reconstruct_samples=4)
+    prune(tmp_path / "o", **kw)
+    path = tmp_path / "o" / ".bonsai" / "state.json"
+    state = json.loads(path.read_text())
+    assert state["fingerprint"]["sequential_obs"] is True
+    del state["fingerprint"]["sequential_obs"]
+    path.write_text(json.dumps(state))
+    with pytest.raises(BonsaiError, match="sequential_obs"):
+        prune(tmp_path / "o", **kw)
+    prune(tmp_path / "o", sequential_obs=False, **kw)  # what that run did: it resumes (here: nothing left to do)
 
 
 def test_adaptive_needs_the_paper_selection():

@@ -13,6 +13,12 @@ through `--allow-fallback` and the report counts the block matrices that fell ba
 
     python scripts/bench_gguf.py --dtypes f16,q4_k_m --width-multiples 1,256 --prompt 256 --generate 64 \
         --repeats 5 --hf
+
+`--hf-only` skips llama.cpp and times transformers' prefill and decoding on one device, e.g. the CUDA row at
+7B shape (random weights; the parent and four pruned copies fit one 80 GB card in bf16):
+
+    python scripts/bench_gguf.py --hf-only --shape llama-2-7b --device cuda --dtype bfloat16 \
+        --width-multiples 1,256 --prompt 2048 --generate 128 --repeats 5 --json widths-cuda.json
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def shaped_fractions(n: int, plan: str | None) -> tuple[list[float], list[float]]:
@@ -50,7 +57,13 @@ def _rounded(n: float, multiple: int, full: int) -> int:
     return max(multiple, min(full, multiple * round(n / multiple)))
 
 
-def build(kind: str, plan: str | None, multiple: int = 1, seed: int = 0):
+SHAPE_370M = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
+
+
+def build(kind: str, plan: str | None, multiple: int = 1, seed: int = 0, shape: dict | None = None,
+          device: str = "cpu", dtype=None):
+    """The parent (random weights of `shape`, default the 370M shape) or a pruned copy of it, on `device`."""
     import numpy as np
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -58,10 +71,13 @@ def build(kind: str, plan: str | None, multiple: int = 1, seed: int = 0):
     from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
-                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
-                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
-    model = LlamaForCausalLM(cfg).eval()
+    cfg = LlamaConfig(**(shape or SHAPE_370M), tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    cfg._attn_implementation = "sdpa"
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(prev)
     if kind == "parent":
         return model
     adapter = get_adapter(model)
@@ -111,6 +127,41 @@ def hf_forward_speedups(models: dict, prompt: int, repeats: int) -> dict[str, fl
     return {k: base / statistics.median(v) for k, v in times.items() if k != "parent"}
 
 
+def hf_speedups(models: dict, prompt: int, generate: int, repeats: int, device: str) -> dict[str, dict]:
+    """transformers on `device`: prefill of one `prompt`-token sequence and greedy decoding of `generate` tokens
+    (with the KV cache), timed alternately with the parent; seconds and speedups over the parent."""
+    import statistics
+    import time
+
+    import torch
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    vocab = next(iter(models.values())).config.vocab_size
+    ids = torch.randint(3, vocab, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    times = {k: {"prefill": [], "decode": []} for k in models}
+    with torch.inference_mode():
+        for r in range(repeats + 1):
+            for k, m in models.items():
+                sync()
+                start = time.perf_counter()
+                m(ids, use_cache=False)
+                sync()
+                mid = time.perf_counter()
+                m.generate(ids, max_new_tokens=generate, min_new_tokens=generate, do_sample=False, pad_token_id=0)
+                sync()
+                if r:  # the first round warms up
+                    times[k]["prefill"].append(mid - start)
+                    times[k]["decode"].append(time.perf_counter() - mid - (mid - start))  # minus its own prefill
+    med = {k: {s: statistics.median(v[s]) for s in v} for k, v in times.items()}
+    base = med["parent"]
+    return {k: {"prefill_s": v["prefill"], "decode_s": v["decode"],
+                "prefill_speedup": base["prefill"] / v["prefill"], "decode_speedup": base["decode"] / v["decode"],
+                "decode_tokens_per_s": generate / v["decode"]} for k, v in med.items()}
+
+
 def not_k_quantised(path: str) -> int:
     """Block matrices of a K-quant file that llama.cpp stored in another type (rows it cannot block)."""
     import gguf
@@ -128,9 +179,16 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--hf", action="store_true", help="also time transformers' CPU forward (float32)")
     p.add_argument("--plan", default=None, help="a bonsai prune report.json whose per-layer sizes shape the plan")
+    p.add_argument("--hf-only", action="store_true",
+                   help="only transformers (no llama.cpp): prefill and decoding speed on --device, e.g. the CUDA row")
+    p.add_argument("--shape", default=None, help="with --hf-only: a bench_prune.py shape (llama-2-7b ...) instead of 370M")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="with --hf-only: float32 | bfloat16 | float16")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-gguf")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    if args.hf_only:
+        return hf_only(args)
     from transformers import AutoTokenizer
 
     from bonsai.bench.llamacpp_speed import run_gguf_bench
@@ -171,6 +229,27 @@ def main() -> None:
                   + (f", transformers forward {hf[name]:.2f}x" if name in hf else ""), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+
+
+def hf_only(args) -> None:
+    """Parent, per-layer plan and uniform, each at every width multiple, in transformers on one device."""
+    import torch
+
+    from bench_prune import SHAPES
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    shape = SHAPES[args.shape] if args.shape else None
+    variants = [(kind, int(m)) for kind in ("bonsai-plan", "uniform") for m in args.width_multiples.split(",")]
+    models = {"parent": build("parent", None, shape=shape, device=args.device, dtype=dtype)}
+    models.update({f"{k}-w{m}": build(k, args.plan, m, shape=shape, device=args.device, dtype=dtype) for k, m in variants})
+    res = hf_speedups(models, args.prompt, args.generate, args.repeats, args.device)
+    print(f"transformers on {args.device} ({args.dtype}), {args.shape or '370M'} shape, prompt {args.prompt}, "
+          f"{args.generate} generated tokens, median of {args.repeats}:")
+    for name, r in res.items():
+        print(f"  {name:18s} prefill {r['prefill_s'] * 1e3:8.1f} ms ({r['prefill_speedup']:.2f}x)  decode "
+              f"{r['decode_tokens_per_s']:7.1f} tok/s ({r['decode_speedup']:.2f}x)")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

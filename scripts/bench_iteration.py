@@ -26,33 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a clone without installing
-from bench_prune import SHAPES, peak, peak_reset, sync  # noqa: E402
+from bench_prune import SHAPES, build, peak, peak_reset, sync  # noqa: E402
 
 from bonsai.runtime import configure_threads  # noqa: E402
 
 configure_threads()
 
-SMALL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-             vocab_size=32000, max_position_embeddings=2048)  # a check of the script itself, on any machine
-
-
-def build(shape: str, device: torch.device, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**(SMALL if shape == "small" else SHAPES[shape]))
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).eval()
-    torch.set_default_dtype(prev)
-    return model
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-2-7b", choices=[*sorted(SHAPES), "small"])
+    p.add_argument("--shape", default="llama-2-7b", choices=sorted(SHAPES))
     p.add_argument("--config", default="llama-2-7b", help="preset whose settings the iteration runs with")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -72,7 +54,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device, torch.bfloat16)
-    model = build(args.shape, device, dtype)
+    model = build(argparse.Namespace(shape=args.shape, model=None), device, dtype)
     overrides = {"calib": "kjv", "calib_samples": args.calib_samples, "seqlen": args.seqlen,
                  "batch_size": args.batch_size, "device": str(device)}
     cfg = build_config(args.config, overrides)

@@ -242,7 +242,8 @@ def prune_cmd(
     prior: str | None = typer.Option(None, help="obs (default: each unit's error after the run's refit, "
                                                 "relative to the residual stream) | wanda | activation | magnitude | "
                                                 "uniform (paper Fig. 3)."),
-    p_iter: float | None = typer.Option(None, "--p-iter", help="Fraction pruned per iteration (default 0.05)."),
+    p_iter: float | None = typer.Option(None, "--p-iter", help="Fraction pruned per iteration (default: 0.3 for bonsai's "
+                                                              "probe selection, the paper's 0.05 otherwise)."),
     samples: int | None = typer.Option(None, help="paper selection: sub-models evaluated per iteration (default 200)."),
     probe_depths: int | None = typer.Option(None, "--probe-depths",
                                             help="probe selection: depths probed per layer group (default 1: one "
@@ -314,7 +315,9 @@ def prune_cmd(
     reconstruct_damp: float | None = typer.Option(None, "--reconstruct-damp",
                                                   help="lstsq damping, relative to the Gram matrix's mean diagonal (0.01)."),
     reconstruct_samples: int | None = typer.Option(None, "--reconstruct-samples",
-                                                   help="Calibration windows for the refit (default: --calib-samples)."),
+                                                   help="Calibration windows for the refit and the compensation statistics "
+                                                        "(default: 16 tokens per input column of the widest output "
+                                                        "projection, at least --calib-samples)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the run's cost (iterations, sub-models, forward "
                                                           "tokens, time from a timing probe, peak memory) and stop."),

@@ -36,6 +36,25 @@ from bonsai.errors import BonsaiError
 
 RECONSTRUCT_MODES = ("lstsq", "bias", "none")
 DEFAULT_DAMP = 1e-2
+# Tokens the refit sees per input column of the widest output projection, unless --reconstruct-samples says.
+# A Gram matrix estimated from a few tokens per column fits those tokens rather than the text: on SmolLM2 at
+# 30%, 5 tokens per column (64 x 128 for an MLP of 1,536) gave 60.2 perplexity and 21 (256 x 128) 57.8, for
+# bonsai and FLAP alike (docs/quality.md, row 23).
+REFIT_TOKENS_PER_COLUMN = 16
+
+
+def refit_windows(requested: int | None, calib_samples: int, widest: int, seqlen: int) -> int:
+    """Windows of the refit (and of the compensation statistics): `requested` when set, else enough that the
+    widest output projection (`widest` input columns) sees REFIT_TOKENS_PER_COLUMN tokens per column, and never
+    fewer than the calibration windows."""
+    if requested:
+        return requested
+    return max(calib_samples, -(-REFIT_TOKENS_PER_COLUMN * widest // seqlen))
+
+
+def widest_projection(adapter: ArchAdapter, groups) -> int:
+    """Input columns of the widest output projection among `groups` (0 when there are none)."""
+    return max((adapter.output_projection(k).in_features for k in groups), default=0)
 
 
 def gram_dtype(device: torch.device) -> torch.dtype:

@@ -216,7 +216,7 @@ class BaselineRun:
         """Remove the dropped units of every group through the shared reconstruction (--reconstruct)."""
         from bonsai.adapters import GroupKey
         from bonsai.data import calibration_windows
-        from bonsai.reconstruct import remove_units
+        from bonsai.reconstruct import refit_windows, remove_units, widest_projection
 
         cfg, adapter = self.cfg, self.adapter
         keep = {}
@@ -225,8 +225,9 @@ class BaselineRun:
             keep[key] = [u for u in range(adapter.group_size(key)) if u not in removed]
         windows = None
         if cfg.reconstruct != "none":
-            windows = calibration_windows(self.tokenizer, cfg.calib, cfg.reconstruct_samples or cfg.calib_samples,
-                                          self.seqlen, seed=cfg.seed * 100003 + 50021)
+            n = refit_windows(cfg.reconstruct_samples, cfg.calib_samples,
+                              widest_projection(adapter, adapter.groups(cfg.unit_kinds)), self.seqlen)
+            windows = calibration_windows(self.tokenizer, cfg.calib, n, self.seqlen, seed=cfg.seed * 100003 + 50021)
         removal = remove_units(self.model, adapter, keep, windows, cfg.reconstruct, cfg.reconstruct_damp,
                                cfg.batch_size, progress, on_warning=lambda m: console.print(f"[yellow]{m}"))
         return {

@@ -12,6 +12,10 @@ from bonsai.errors import BonsaiError
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 # what a run checkpointed before a setting existed did, where that differs from the setting's default now
 LEGACY_SETTINGS = {"sequential_obs": False}
+PAPER_P_ITER = 0.05  # Table 9: 5% of the model per iteration
+# The probe selection's step: one iteration up to 30%, equal steps of at most 0.3 beyond (50%: two of 0.25).
+# Fewer, larger steps measured as good or better, and the run costs a third of p_iter 0.1 (docs/quality.md).
+PROBE_P_ITER = 0.3
 BONSAI_METHODS = ("bonsai", "prior-only", "no-regression", "random")
 BASELINE_METHODS = ("wanda", "llm-pruner", "besa", "flap")
 METHODS = BONSAI_METHODS + BASELINE_METHODS
@@ -36,7 +40,7 @@ class PruneConfig:
     sparsity: float = 0.5
     method: str = "bonsai"
     prior: str = "obs"
-    p_iter: float = 0.05
+    p_iter: float | None = None  # None: PROBE_P_ITER for bonsai's probe selection, else the paper's PAPER_P_ITER
     samples: int = 200
     calib: str = "wikitext2"
     calib_samples: int = 32
@@ -106,6 +110,9 @@ class PruneConfig:
     def validate(self) -> PruneConfig:
         if not 0 < self.sparsity < 1:
             raise BonsaiError(f"--sparsity must be in (0, 1), got {self.sparsity}")
+        if self.p_iter is None:  # resolved here, so the fingerprint and the report hold what the run did
+            probe = self.method == "bonsai" and self.selection == "probe"
+            self.p_iter = min(PROBE_P_ITER if probe else PAPER_P_ITER, self.sparsity)
         if not 0 < self.p_iter <= self.sparsity:
             raise BonsaiError(f"--p-iter must be in (0, sparsity={self.sparsity}], got {self.p_iter}")
         if self.samples < 4:

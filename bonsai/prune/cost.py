@@ -78,7 +78,9 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
 
     probe_peak = peak_memory(device)
     C = cfg.calib_samples * seqlen
-    R = (cfg.reconstruct_samples or cfg.calib_samples) * seqlen
+    from bonsai.reconstruct import refit_windows, widest_projection
+
+    R = refit_windows(cfg.reconstruct_samples, cfg.calib_samples, widest_projection(adapter, groups), seqlen) * seqlen
     n_sub = sub_models_per_iteration(cfg, len(groups))
     gram = cfg.selection == "probe" or cfg.prior == "obs" or (cfg.compensate and n_sub)
     refit = 0 if cfg.reconstruct == "none" else (2 if parallel_block else 3)
@@ -99,8 +101,14 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
     states = R * hidden * dtype_bytes if (gram or refit) else 0
     states += advance * hidden * dtype_bytes  # the probes' kept states
     comp = 0
-    if cfg.compensate and n_sub:
-        comp = sum(adapter.output_projection(k).in_features ** 2 * 2 * cfg.p_iter for k in groups) * 4
+    if cfg.compensate and n_sub:  # the candidates' columns of each H^-1 (host memory) and the probes' corrections
+        from bonsai.prune.compensation import CORRECTION_CACHE_BYTES
+
+        share = min(1.0, cfg.candidate_multiple * cfg.p_iter)
+        columns = [adapter.output_projection(k).in_features ** 2 * share * (8 if device.type == "cpu" else 4)
+                   for k in groups]
+        # on an accelerator only the probe in flight's columns and the bounded cache are there
+        comp = sum(columns) if device.type == "cpu" else min(sum(columns), max(columns) + CORRECTION_CACHE_BYTES)
     return CostEstimate(iterations=iterations, sub_models_per_iteration=n_sub, forward_tokens=tokens, at_most=cfg.adaptive,
                         seconds_per_token=seconds_per_token, seconds=tokens * seconds_per_token,
                         probe_peak_bytes=probe_peak, extra_bytes=int(gram_bytes + states + comp))

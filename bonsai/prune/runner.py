@@ -121,6 +121,9 @@ class PruneRun:
         self.seqlen = default_seqlen(self.model.config, cfg.seqlen)
         self.adapter.check_kinds(cfg.unit_kinds)
         self.groups = self.adapter.groups(cfg.unit_kinds)
+        from bonsai.reconstruct import widest_projection
+
+        self._widest = widest_projection(self.adapter, self.groups)  # the parent's: fixes the refit windows' count
         self.budget = plan_budget(self.adapter, self.groups, cfg)
         self.evals_this_process = 0
         self._adaptive_fit = self._last_fit = None  # adaptive sampling: the last round's regression
@@ -585,8 +588,13 @@ class PruneRun:
         not the sub-models' windows."""
         from bonsai.data import calibration_windows
 
-        n = self.cfg.reconstruct_samples or self.cfg.calib_samples
+        n = self._refit_count()
         return calibration_windows(self.tokenizer, self.cfg.calib, n, self.seqlen, seed=self.cfg.seed * 100003 + t + 50021)
+
+    def _refit_count(self) -> int:
+        from bonsai.reconstruct import refit_windows
+
+        return refit_windows(self.cfg.reconstruct_samples, self.cfg.calib_samples, self._widest, self.seqlen)
 
     def _refit_tensors(self) -> dict[str, torch.Tensor]:
         """Every group's output projection (weight, bias): what reconstruction changes beyond slicing."""
@@ -607,6 +615,7 @@ class PruneRun:
             "model": self.cfg.model,
             "settings": self.cfg.to_dict(),
             "seqlen": self.seqlen,
+            "refit_windows": self._refit_count(),  # the refit's and the compensation statistics' windows
             "iterations": state.history,
             "totals": {
                 "target_sparsity": self.cfg.sparsity,

@@ -10,10 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bonsai.adapters import get_adapter
 from bonsai.eval.runner import run_perplexity
 from bonsai.models.loading import load_model
-from bonsai.prune.config import PruneConfig, build_config
+from bonsai.prune.config import PAPER_P_ITER, PROBE_P_ITER, PruneConfig, build_config
 from bonsai.prune.runner import PruneRun
+from bonsai.reconstruct import REFIT_TOKENS_PER_COLUMN
 
 pytestmark = pytest.mark.integration
 
@@ -55,6 +57,10 @@ def test_tiny_sparsity_reached_within_one_unit(tiny_runs):
         assert all(v > 0 for v in h["probe_increase"].values())  # KL from the current model
         assert h["reconstruction"]["mean_error_refit"] < h["reconstruction"]["mean_error_dropped"]
     assert (root / "bonsai" / "report.png").stat().st_size > 0
+    # no --reconstruct-samples: the refit's windows give the parent's widest projection its tokens per column
+    parent = get_adapter(load_model("tiny", device="cpu"))
+    widest = max(parent.output_projection(k).in_features for k in parent.groups())
+    assert report["refit_windows"] == max(16, math.ceil(REFIT_TOKENS_PER_COLUMN * widest / 128)) > 16
     paper = json.loads((root / "paper" / "report.json").read_text())
     for h in paper["iterations"]:
         assert h["sub_models"] == 32 and h["cv_tau"] is not None and h["penalty"] > 0
@@ -426,6 +432,21 @@ def test_adaptive_is_the_paper_selections_default_but_not_the_papers_presets():
     for preset in ("paper-llama-2-7b", "paper-llama-7b", "paper-mistral-7b", "paper-phi-2"):
         assert not build_config(preset, {}).adaptive, preset  # the paper's algorithm as published
     assert build_config("paper-llama-2-7b", {"adaptive": True}).adaptive  # a flag still wins
+
+
+def test_probe_selection_takes_few_large_steps_and_the_papers_settings_keep_its_own(tmp_path):
+    """bonsai's probe selection defaults to steps of at most 0.3 (one iteration to 30%, two of 0.25 to 50%);
+    the paper's selection and the ablations keep Table 9's 0.05, presets and flags still win."""
+    assert PruneConfig(model="tiny", sparsity=0.3).validate().p_iter == PROBE_P_ITER == 0.3
+    assert PruneConfig(model="tiny", sparsity=0.2).validate().p_iter == 0.2  # never beyond the target
+    assert PruneConfig(model="tiny", sparsity=0.5, selection="paper").validate().p_iter == PAPER_P_ITER == 0.05
+    assert PruneConfig(model="tiny", sparsity=0.5, method="prior-only").validate().p_iter == PAPER_P_ITER
+    assert PruneConfig(model="tiny", sparsity=0.5, p_iter=0.1).validate().p_iter == 0.1
+    assert build_config("paper-llama-2-7b", {}).p_iter == 0.05
+    assert build_config(None, {"model": "tiny", "p_iter": 0.2, "sparsity": 0.5}).p_iter == 0.2
+    cfg = PruneConfig(model="tiny", sparsity=0.5).validate()
+    budget = PruneRun(cfg, tmp_path / "out", dry_run=True).budget
+    assert budget.iterations == 2 and budget.step == pytest.approx(budget.target_removed / 2)
 
 
 def test_compensation_follows_the_refit():

@@ -8,7 +8,14 @@ from helpers import FAMILIES, tiny_model
 
 from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
 from bonsai.eval.perplexity import window_nll
-from bonsai.reconstruct import GramStats, refit_projection, remove_units
+from bonsai.reconstruct import (
+    REFIT_TOKENS_PER_COLUMN,
+    GramStats,
+    refit_projection,
+    refit_windows,
+    remove_units,
+    widest_projection,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -190,3 +197,20 @@ def test_non_finite_statistics_stop_with_a_clear_error():
     G[0, 0] = float("inf")
     with pytest.raises(BonsaiError, match="non-finite activation statistics"):
         refit_projection(W, None, G, s, n, torch.arange(6), "lstsq")
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "phi"])
+def test_default_refit_windows_give_each_column_of_the_widest_projection_its_tokens(family):
+    """Without --reconstruct-samples the refit sees REFIT_TOKENS_PER_COLUMN tokens per input column of the widest
+    output projection (counted here from the modules themselves), never fewer than the calibration windows; a
+    requested count always wins."""
+    adapter = get_adapter(tiny_model(family))
+    widest = max(max(adapter.output_projection(GroupKey(i, kind)).in_features for kind in (ATTENTION, MLP))
+                 for i in range(adapter.num_layers))
+    assert widest_projection(adapter, adapter.groups()) == widest
+    for seqlen in (16, 64, 1000):
+        n = refit_windows(None, 2, widest, seqlen)
+        assert n * seqlen >= REFIT_TOKENS_PER_COLUMN * widest > (n - 1) * seqlen or n == 2
+    assert refit_windows(None, 10_000, widest, 64) == 10_000
+    assert refit_windows(7, 10_000, widest, 64) == 7
+    assert refit_windows(None, 32, 11008, 2048) == 86  # LLaMA-2-7B's MLP at the paper's window length

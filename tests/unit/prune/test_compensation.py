@@ -7,6 +7,7 @@ import torch
 from helpers import tiny_model
 
 from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
+from bonsai.prune import compensation
 from bonsai.prune.compensation import (
     CompensatedMasks,
     damped_inverse,
@@ -64,11 +65,15 @@ def test_unit_error_without_lstsq_is_the_error_that_refit_leaves(refit, width):
                               unit_errors(W, G, X.sum(0), 300, width, "bias", None))
 
 
+@pytest.mark.parametrize("cache_bytes", [None, 0])
 @pytest.mark.parametrize("family", ["llama-gqa", "phi"])
-def test_compensated_sub_model_equals_refit_model(family):
+def test_compensated_sub_model_equals_refit_model(family, cache_bytes, monkeypatch):
     """A sub-model evaluated with compensation gives the logits of the model whose dropped units are removed and
     whose output projections are refit (lstsq, same damping, jointly with the bias where the layer has one: Phi)
-    on the same statistics."""
+    on the same statistics; also when the corrections' cache may hold nothing beyond the last one (each is then
+    solved again for the next forward)."""
+    if cache_bytes is not None:
+        monkeypatch.setattr(compensation, "CORRECTION_CACHE_BYTES", cache_bytes)
     model = tiny_model(family).double()
     adapter = get_adapter(model)
     windows = torch.randint(0, 97, (6, 16), generator=torch.Generator().manual_seed(1))
@@ -87,6 +92,9 @@ def test_compensated_sub_model_equals_refit_model(family):
     with CompensatedMasks(adapter, comp) as masks, torch.no_grad():
         masks.set(keep_rows)
         both = model(windows[:2]).logits
+        if cache_bytes == 0:
+            assert len(masks._cache) == 1  # only the correction just computed
+            torch.testing.assert_close(model(windows[:2]).logits, both, atol=0, rtol=0)
     with GramStats({k: adapter.output_projection(k) for k in groups}) as stats, torch.no_grad():
         model(windows)
     for row in range(2):

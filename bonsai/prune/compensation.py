@@ -267,10 +267,11 @@ class CompensatedMasks:
         W = self.adapter.output_projection(key).weight
         width = self.adapter.unit_width(key)
         pos = (torch.tensor(dropped_units)[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
-        R = cols.to(hinv_c.device)[pos.to(hinv_c.device)]
+        pos = pos.to(hinv_c.device)
+        R = cols.to(hinv_c.device)[pos]
         dev = W.device  # the solve runs where the layer runs; H^-1's columns wait in host memory
-        h_RR = hinv_c[R][:, pos.to(hinv_c.device)].to(dev)  # (H^-1)_RR
-        M = torch.linalg.solve(h_RR, hinv_c[:, pos.to(hinv_c.device)].t().to(dev))  # [(H^-1)_RR]^-1 (H^-1)_R,:
+        h_RR = hinv_c[R][:, pos].to(dev)  # (H^-1)_RR
+        M = torch.linalg.solve(h_RR, hinv_c[:, pos].t().to(dev))  # [(H^-1)_RR]^-1 (H^-1)_R,:
         # float32 whatever the model dtype: the term cancels the dropped columns' share of W x
         shift = None if mean is None else (M @ mean.to(dev, M.dtype)).float()  # M_R mean
         entry = (M.float(), W[:, R.to(W.device)].float(), shift)

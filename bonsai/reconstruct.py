@@ -252,7 +252,7 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
     """Physically remove every unit not in `keep[group]` (indices into the group's current units) and, unless
     `mode` is none, refit the output projections block by block on `windows` (see module doc). `on_block(i)`
     is called after block i is done."""
-    from bonsai.baselines.layerwise import block_outputs, capture_block_inputs
+    from bonsai.baselines.layerwise import block_outputs, capture_block_inputs, states_store
 
     report = RemovalReport()
 
@@ -271,7 +271,7 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
         raise ValueError("reconstruction needs calibration windows")
     layers = adapter.layers()
     last = max(k.layer for k in todo)
-    inputs = capture_block_inputs(model, layers, windows, batch_size)
+    inputs = capture_block_inputs(model, layers, windows, batch_size, states_store(model, windows.numel()))
     task = progress.add_task("reconstruction", total=last + 1, info=mode) if progress is not None else None
     for i in range(last + 1):
         block = layers[i]

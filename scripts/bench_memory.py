@@ -2,9 +2,10 @@
 
 Each measurement runs in its own process (so CPU peak RSS is not shared between them): a plain forward,
 the Bonsai prune steps of the paper (prior pass with hooks + sub-model evaluations with masks), the probe
-steps (Gram statistics block by block, candidates' inverse columns, compensated probe sub-models), the
-reconstruction (half of every group removed and refit block by block, lstsq), and LLM-Pruner's gradient
-importance (backward passes). Prints the ratios side by side; RSS on CPU, max allocated on GPU.
+steps (Gram statistics block by block over the refit windows, candidates' inverse columns, compensated probe
+sub-models), the reconstruction (half of every group removed and refit block by block, lstsq, over the refit
+windows a prune run's defaults give: 16 tokens per column of the widest output projection, `--refit-windows`
+to change), and LLM-Pruner's gradient importance (backward passes). Prints the ratios side by side; RSS on CPU, max allocated on GPU.
 
     python scripts/bench_memory.py --model tiny --seqlen 128 --batch-size 8
     python scripts/bench_memory.py --shape llama-2-7b --device cuda --dtype bfloat16 --seqlen 2048 --batch-size 1
@@ -40,6 +41,11 @@ def child(args) -> None:
     vocab = model.get_output_embeddings().weight.shape[0]
     windows = torch.randint(0, vocab, (args.batch_size, args.seqlen), generator=torch.Generator().manual_seed(0))
     groups = adapter.groups()
+    from bonsai.reconstruct import refit_windows, widest_projection
+
+    # the unit errors and the refit run over the refit windows, as a prune run's defaults give them
+    n_refit = args.refit_windows or refit_windows(None, 32, widest_projection(adapter, groups), args.seqlen)
+    refit = torch.randint(0, vocab, (n_refit, args.seqlen), generator=torch.Generator().manual_seed(1))
     peak_reset(device)
     if args.child == "forward":
         with torch.no_grad():
@@ -67,7 +73,7 @@ def child(args) -> None:
             w = adapter.unit_width(key)
             return (cands[key][:, None] * w + torch.arange(w)).reshape(-1)
 
-        stats, comp = group_statistics(model, adapter, groups, windows, args.batch_size, keep_inverse=True,
+        stats, comp = group_statistics(model, adapter, groups, refit, args.batch_size, keep_inverse=True,
                                        columns=columns)
         masks = probe_masks([stats[k].unit_error.numpy()[cands[k].numpy()] for k in groups], 1)[:args.batch_size]
         offsets = np.cumsum([0] + [len(cands[k]) for k in groups])
@@ -82,12 +88,13 @@ def child(args) -> None:
         from bonsai.reconstruct import remove_units
 
         keep = {k: torch.arange(0, adapter.group_size(k), 2) for k in groups}
-        remove_units(model, adapter, keep, windows, "lstsq", batch_size=args.batch_size)
+        remove_units(model, adapter, keep, refit, "lstsq", batch_size=args.batch_size)
     else:
         from bonsai.baselines.llm_pruner import group_importance
 
         group_importance(model, adapter, groups, windows, args.batch_size, "element1", "sum")
-    print(json.dumps({"mode": args.child, "peak_bytes": int(peak(device)), "device": str(device)}))
+    print(json.dumps({"mode": args.child, "peak_bytes": int(peak(device)), "device": str(device),
+                      "refit_windows": n_refit}))
 
 
 def main() -> None:
@@ -99,6 +106,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--refit-windows", type=int, default=0,
+                   help="windows of the unit errors and the refit (default: a prune run's, 16 tokens per column)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     if args.child:
@@ -106,17 +115,20 @@ def main() -> None:
     peaks = {}
     for mode in MODES:
         cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--device", args.device, "--dtype",
-               args.dtype, "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)]
+               args.dtype, "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
+               "--refit-windows", str(args.refit_windows)]
         if args.shape:
             cmd += ["--shape", args.shape]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         peaks[mode] = json.loads(out)["peak_bytes"]
+        n_refit = json.loads(out)["refit_windows"]
     kind = "max allocated (GPU)" if "cuda" in args.device or (args.device == "auto" and _cuda()) else "peak RSS (CPU)"
-    print(f"{args.shape or args.model}, batch {args.batch_size} x {args.seqlen} tokens, {kind}:")
+    print(f"{args.shape or args.model}, batch {args.batch_size} x {args.seqlen} tokens, {n_refit} refit windows, "
+          f"{kind}:")
     for mode in MODES:
         print(f"  {mode:11s} {peaks[mode] / 2**20:10.1f} MiB   {peaks[mode] / peaks['forward']:.3f}x plain forward")
     if args.json:
-        args.json.write_text(json.dumps({"peaks": peaks, "ratios": {m: peaks[m] / peaks["forward"] for m in MODES},
+        args.json.write_text(json.dumps({"peaks": peaks, "refit_windows": n_refit, "ratios": {m: peaks[m] / peaks["forward"] for m in MODES},
                                          "settings": vars(args)}, indent=2, default=str))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from bonsai.baselines.layerwise import InputNorms, block_linears, block_outputs, capture_block_inputs
+from bonsai.baselines.layerwise import InputNorms, block_linears, block_outputs, capture_block_inputs, states_store
 from bonsai.errors import BonsaiError
 
 SPARSITY_TYPES = ("unstructured", "2:4", "4:8")
@@ -57,7 +57,7 @@ def prune_wanda(model, adapter, windows: torch.Tensor, sparsity: float, sparsity
     """Zero weights of every block linear in place; returns per-layer {name: fraction zeroed}."""
     n_m = parse_sparsity_type(sparsity_type, sparsity)
     layers = adapter.layers()
-    inputs = capture_block_inputs(model, layers, windows, batch_size)
+    inputs = capture_block_inputs(model, layers, windows, batch_size, states_store(model, windows.numel()))
     task = progress.add_task("wanda blocks", total=len(layers), info=sparsity_type) if progress else None
     per_layer = []
     for block in layers:

@@ -179,11 +179,11 @@ def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupK
     group's turn (at 7B a whole H^-1 is ~0.5 GB per layer); mean is the input's mean where the layer has a
     bias (the lstsq refit fits it jointly, so errors and compensation are on the covariance), else None.
     `sequential(group)`: units to order by sequential OBS (0: each unit alone)."""
-    from bonsai.baselines.layerwise import block_outputs, capture_block_inputs
+    from bonsai.baselines.layerwise import block_outputs, capture_block_inputs, states_store
 
     layers = adapter.layers()
     wanted = {k.layer for k in groups}
-    inputs = capture_block_inputs(model, layers, windows, batch_size)
+    inputs = capture_block_inputs(model, layers, windows, batch_size, states_store(model, windows.numel()))
     stats: dict[GroupKey, GroupStats] = {}
     inverses: dict[GroupKey, Inverse] = {}
     n_blocks = max(wanted) + 1 if wanted else 0

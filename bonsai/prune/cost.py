@@ -98,7 +98,12 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
     widest = max(adapter.output_projection(k).in_features for k in groups)
     gram_bytes = 2 * widest * widest * (8 if device.type == "cpu" else 4)
     hidden = model.config.hidden_size
-    states = R * hidden * dtype_bytes if (gram or refit) else 0
+    from bonsai.baselines.layerwise import states_store
+
+    # a block's input and output states over the refit windows; in host memory when large on an accelerator,
+    # with one batch in and out on the device
+    on_device = R if states_store(model, R) is None else cfg.batch_size * seqlen
+    states = 2 * on_device * hidden * dtype_bytes if (gram or refit) else 0
     states += advance * hidden * dtype_bytes  # the probes' kept states
     comp = 0
     if cfg.compensate and n_sub:  # the candidates' columns of each H^-1 (host memory) and the probes' corrections

@@ -124,6 +124,7 @@ class PruneRun:
         from bonsai.reconstruct import widest_projection
 
         self._widest = widest_projection(self.adapter, self.groups)  # the parent's: fixes the refit windows' count
+        self._refit_windows = 0  # set with the run's state (`_initial_state`)
         self.budget = plan_budget(self.adapter, self.groups, cfg)
         self.evals_this_process = 0
         self._adaptive_fit = self._last_fit = None  # adaptive sampling: the last round's regression
@@ -168,11 +169,17 @@ class PruneRun:
     def _initial_state(self) -> RunState:
         if self.resuming:
             state = self.store.load()
+            # checkpointed before the count was stored: those versions refit on --calib-samples windows by default
+            self._refit_windows = state.refit_windows or self.cfg.reconstruct_samples or self.cfg.calib_samples
             self._restore(state)
             return state
+        from bonsai.reconstruct import refit_windows
+
+        self._refit_windows = refit_windows(self.cfg.reconstruct_samples, self.cfg.calib_samples, self._widest,
+                                            self.seqlen)
         state = RunState(fingerprint=self.cfg.fingerprint(),
                          kept={str(k): list(range(self.adapter.group_size(k))) for k in self.groups},
-                         started=time.time())
+                         started=time.time(), refit_windows=self._refit_windows)
         self._save(state)
         return state
 
@@ -592,9 +599,7 @@ class PruneRun:
         return calibration_windows(self.tokenizer, self.cfg.calib, n, self.seqlen, seed=self.cfg.seed * 100003 + t + 50021)
 
     def _refit_count(self) -> int:
-        from bonsai.reconstruct import refit_windows
-
-        return refit_windows(self.cfg.reconstruct_samples, self.cfg.calib_samples, self._widest, self.seqlen)
+        return self._refit_windows
 
     def _refit_tensors(self) -> dict[str, torch.Tensor]:
         """Every group's output projection (weight, bias): what reconstruction changes beyond slicing."""

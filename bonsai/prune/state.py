@@ -31,6 +31,9 @@ class RunState:
     started: float = 0.0
     elapsed_before: float = 0.0
     refit: str | None = None  # file in the state folder holding the refit output projections, if any
+    # windows of the refit and the compensation statistics, fixed when the run starts (its default has changed
+    # between versions: a resumed run keeps the count it started with); None in runs checkpointed before
+    refit_windows: int | None = None
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()

@@ -507,3 +507,49 @@ def test_runs_checkpointed_before_a_new_setting_existed_still_resume(tmp_path):
     assert report["totals"]["sparsity"] >= 0.1
     with pytest.raises(BonsaiError, match="candidate_multiple"):
         prune(tmp_path / "o", candidate_multiple=3.0, **kw)
+
+
+def test_a_resumed_run_refits_on_the_window_count_it_started_with(tmp_path, monkeypatch):
+    """The refit windows' default has changed between versions: a resumed run keeps the count its state holds,
+    and a state from before the count was stored resumes with what those versions used (--calib-samples)."""
+    import bonsai.reconstruct as reconstruct
+    from bonsai.prune import runner as runner_mod
+
+    class Crash(Exception):
+        pass
+
+    kw = dict(model="tiny", sparsity=0.2, p_iter=0.1, calib_samples=4)
+    counts: list[tuple[int, int]] = []
+    original = runner_mod.PruneRun._recon_windows
+
+    def recording(self, t):
+        if crash_at is not None and t == crash_at:
+            raise Crash
+        windows = original(self, t)
+        counts.append((t, windows.shape[0]))
+        return windows
+
+    monkeypatch.setattr(runner_mod.PruneRun, "_recon_windows", recording)
+    parent = get_adapter(load_model("tiny", device="cpu"))
+    widest = max(parent.output_projection(k).in_features for k in parent.groups())
+    started = math.ceil(REFIT_TOKENS_PER_COLUMN * widest / FAST["seqlen"])
+    for out, legacy in (("kept", False), ("legacy", True)):
+        counts.clear()
+        crash_at = 1
+        with pytest.raises(Crash):
+            prune(tmp_path / out, **kw)
+        path = tmp_path / out / ".bonsai" / "state.json"
+        state = json.loads(path.read_text())
+        assert state["completed_iterations"] == 1 and state["refit_windows"] == started
+        if legacy:
+            del state["refit_windows"]
+            path.write_text(json.dumps(state))
+        monkeypatch.setattr(reconstruct, "REFIT_TOKENS_PER_COLUMN", 2 * REFIT_TOKENS_PER_COLUMN)  # a new default
+        counts.clear()
+        crash_at = None
+        _, report = prune(tmp_path / out, **kw)
+        monkeypatch.undo()
+        monkeypatch.setattr(runner_mod.PruneRun, "_recon_windows", recording)
+        expected = kw["calib_samples"] if legacy else started
+        assert counts and {n for t, n in counts if t >= 1} == {expected}
+        assert report["refit_windows"] == expected

@@ -106,10 +106,16 @@ def _keep_plan(adapter):
             m1: torch.arange(1, adapter.group_size(m1), 2)}
 
 
+@pytest.mark.parametrize("host_states", [False, True])
 @pytest.mark.parametrize("family", ["llama-gqa", "phi"])
-def test_statistics_come_from_the_pruned_prefix(family):
+def test_statistics_come_from_the_pruned_prefix(family, host_states, monkeypatch):
     """Block-by-block refit == an independent refit that reads each layer's statistics from full-model forwards
-    (hooks) of the model whose earlier layers are already pruned and refit (attention before MLP; Phi in parallel)."""
+    (hooks) of the model whose earlier layers are already pruned and refit (attention before MLP; Phi in parallel).
+    `host_states`: the block states kept apart from the model (as on an accelerator with large refit sets)."""
+    import bonsai.baselines.layerwise as layerwise
+
+    if host_states:
+        monkeypatch.setattr(layerwise, "states_store", lambda model, tokens: torch.device("cpu"))
     model = tiny_model(family).double()
     reference = copy.deepcopy(model)
     adapter, ref = get_adapter(model), get_adapter(reference)

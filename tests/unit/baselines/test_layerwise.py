@@ -5,7 +5,7 @@ import torch
 from helpers import FAMILIES, tiny_model
 
 from bonsai.adapters import get_adapter
-from bonsai.baselines.layerwise import block_outputs, capture_block_inputs
+from bonsai.baselines.layerwise import HOST_STATES_SHARE, block_outputs, capture_block_inputs, states_store
 
 pytestmark = pytest.mark.unit
 
@@ -26,3 +26,19 @@ def test_blocks_run_one_by_one_give_the_models_hidden_states(family):
         inputs.hidden = block_outputs(block, inputs)
         torch.testing.assert_close(torch.cat(inputs.hidden), want[i + 1], rtol=1e-12, atol=1e-12)
     assert all(type(b).__name__.endswith("DecoderLayer") for b in layers)  # the blocks are back in place
+
+
+def test_block_states_wait_in_host_memory_only_on_an_accelerator_and_when_large():
+    """On the CPU they stay put; on an accelerator (a meta-device model stands in: no memory, real sizes) they
+    leave once a block's input and output copies pass HOST_STATES_SHARE of the model's own bytes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model_bytes = 2 * sum(p.numel() for p in model.parameters())
+    limit = HOST_STATES_SHARE * model_bytes / (2 * 256 * 2)  # tokens at which two bf16 copies reach the share
+    assert states_store(model, int(limit) - 1) is None
+    assert states_store(model, int(limit) + 1) == torch.device("cpu")
+    assert states_store(tiny_model("llama"), 10**9) is None  # CPU model: no other memory to go to

@@ -278,7 +278,9 @@ class PruneRun:
         it = self.store.load_iteration(t)
         if it is None:
             it = self._start_iteration(t, windows)
-        it = self.dist.broadcast(it)  # every replica works from the main process's masks
+        it = self.dist.broadcast(it)
+        phases = {"statistics": time.time() - start}  # prior pass, unit errors (0 where a checkpoint held them)
+        mark = time.time()  # every replica works from the main process's masks
         keys = [k for k in self.groups if len(it.candidates[str(k)])]
         offsets = np.cumsum([0] + [len(it.candidates[str(k)]) for k in keys])
         cand_prior = np.concatenate([it.prior[str(k)][it.candidates[str(k)]] for k in keys]) if keys else np.zeros(0)
@@ -291,6 +293,7 @@ class PruneRun:
                                                    need, t)
             else:
                 self._evaluate_pending(it, keys, offsets, windows, progress)
+        phases["sub_models"], mark = time.time() - mark, time.time()
         fitted = self._adaptive_fit if adaptive else None  # the last round's fit: no second regression
         scores, reg, probe = unit_scores(cfg, it, keys, offsets, cand_prior, cand_params, t, fitted)
         if cfg.width_multiple > 1 or cfg.head_multiple > 1 or cfg.allocation == "uniform":
@@ -300,7 +303,9 @@ class PruneRun:
             removed = {key: it.candidates[str(key)][drop[(drop >= offsets[j]) & (drop < offsets[j + 1])] - offsets[j]]
                        for j, key in enumerate(keys)}
         removed = self.dist.broadcast({k: np.sort(v) for k, v in removed.items() if len(v)})
+        phases["selection"], mark = time.time() - mark, time.time()
         removal = self._apply(t, removed, state, progress)
+        phases["reconstruction"] = time.time() - mark  # slicing, the refit and its checkpoint
         n_bad = int((~np.isfinite(it.utility) & it.done).sum())
         if n_bad:
             console.print(f"[yellow]iteration {t + 1}: {n_bad} sub-model(s) had a non-finite loss and were left out of the fit")
@@ -323,6 +328,7 @@ class PruneRun:
             "calib_loss": it.base_loss,
             "calib_ppl": math.exp(it.base_loss) if it.base_loss < 700 else float("inf"),
             "seconds": time.time() - start,
+            "phase_seconds": phases,  # this process's share (a resumed iteration's earlier work is not in it)
         })
 
     def _windows(self, t: int) -> torch.Tensor:

@@ -56,6 +56,9 @@ def test_tiny_sparsity_reached_within_one_unit(tiny_runs):
         assert h["sub_models"] == 12 and len(h["probe_increase"]) == 12
         assert all(v > 0 for v in h["probe_increase"].values())  # KL from the current model
         assert h["reconstruction"]["mean_error_refit"] < h["reconstruction"]["mean_error_dropped"]
+        phases = h["phase_seconds"]  # where the iteration's time went: parts of its wall time
+        assert set(phases) == {"statistics", "sub_models", "selection", "reconstruction"}
+        assert min(phases.values()) >= 0 and sum(phases.values()) <= h["seconds"]
     assert (root / "bonsai" / "report.png").stat().st_size > 0
     # no --reconstruct-samples: the refit's windows give the parent's widest projection its tokens per column
     parent = get_adapter(load_model("tiny", device="cpu"))

@@ -44,6 +44,7 @@ def test_bench_refuses_a_baseline_with_another_tokenizer(monkeypatch, capsys, tm
     assert code == 2 and "different tokenizers" in captured.err and len(captured.err.strip().splitlines()) == 1
 
 
+@pytest.mark.heavy
 def test_one_iteration_benchmark_times_every_stage_of_the_runner(tmp_path):
     """`scripts/bench_iteration.py` (the 7B-shape GPU row of issue 13) runs the runner's first iteration: its
     stages are the runner's own, their seconds fit inside the iteration, and the run is projected from it."""

@@ -121,6 +121,7 @@ def test_damaged_model_files_are_named(tmp_path, name):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.heavy
 def test_sigterm_says_how_to_resume_and_the_resume_is_exact(runs, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(PRUNE + ["--out", str(out)], stderr=subprocess.PIPE, text=True)
@@ -139,6 +140,7 @@ def test_sigterm_says_how_to_resume_and_the_resume_is_exact(runs, tmp_path):
     same_weights(out, runs / "straight")
 
 
+@pytest.mark.heavy
 def test_second_run_on_the_same_folder_is_refused_and_a_stale_lock_is_not(tmp_path):
     from bonsai.runlock import RunLock
 
@@ -264,6 +266,7 @@ def test_damaged_teacher_cache_shard_is_rebuilt(tmp_path):
     assert info["reused"]
 
 
+@pytest.mark.heavy
 def test_damaged_finetune_checkpoint_is_refused(tmp_path):
     args = [sys.executable, "-m", "bonsai", "finetune", "--model", "tiny", "--teacher", "tiny", "--data", "kjv",
             "--lora-rank", "4", "--seqlen", "32", "--samples", "32", "--steps", "6", "--batch-size", "4",

@@ -88,6 +88,7 @@ def test_merged_logits_equal_the_peft_model(merged_run, pruned):
     assert (a - untrained).abs().max() > 1e-2  # the adapter changed the model, so the equality means something
 
 
+@pytest.mark.heavy
 def test_resumed_run_equals_uninterrupted(merged_run, pruned, tmp_path):
     out, _ = merged_run
     resumed = tmp_path / "resumed"

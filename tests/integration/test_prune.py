@@ -91,6 +91,7 @@ def test_bonsai_beats_random(tiny_runs):
 
 
 @pytest.mark.parametrize("selection,abort", [("probe", "18"), ("paper", "12")])
+@pytest.mark.heavy
 def test_resume_equals_uninterrupted(tmp_path, selection, abort):
     """Killed in the second iteration's sub-models (probe: 12 per iteration, recomputing the compensation on
     resume; paper: 8 per iteration), the rerun finishes with the uninterrupted run's bytes."""
@@ -148,6 +149,7 @@ def test_other_settings_refused_then_forced(tmp_path):
     assert json.loads((tmp_path / "o" / "report.json").read_text())["settings"]["seed"] == 1
 
 
+@pytest.mark.heavy
 def test_two_processes_equal_one(tmp_path):
     """Sub-model evaluations spread over 2 CPU processes (gloo) give the single-process model exactly."""
     args = [sys.executable, "-m", "bonsai", "prune", "--model", "tiny", "--sparsity", "0.2", "--p-iter", "0.1",
@@ -210,6 +212,7 @@ def test_prune_with_accelerate_placement(tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, run.model(ids).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.heavy
 def test_resume_after_crash_mid_reconstruction_is_bit_identical(tmp_path):
     args = [sys.executable, "-m", "bonsai", "prune", "--model", "tiny", "--sparsity", "0.2", "--p-iter", "0.1",
             "--samples", "6", "--calib", "kjv", "--seqlen", "32", "--calib-samples", "4", "--batch-size", "8",
@@ -389,6 +392,7 @@ ADAPTIVE = ["--selection", "paper", "--prior", "wanda", "--no-compensate", "--ut
             "--samples", "24", "--adaptive-round", "4", "--adaptive-tol", "0.4"]
 
 
+@pytest.mark.heavy
 def test_adaptive_resume_takes_the_same_path(tmp_path):
     """--adaptive killed mid-way (rounds and their decisions are checkpointed) finishes with the bytes and the
     convergence record of an uninterrupted run."""
@@ -512,6 +516,7 @@ def test_runs_checkpointed_before_a_new_setting_existed_still_resume(tmp_path):
         prune(tmp_path / "o", candidate_multiple=3.0, **kw)
 
 
+@pytest.mark.heavy
 def test_a_resumed_run_refits_on_the_window_count_it_started_with(tmp_path, monkeypatch):
     """The refit windows' default has changed between versions: a resumed run keeps the count its state holds,
     and a state from before the count was stored resumes with what those versions used (--calib-samples)."""

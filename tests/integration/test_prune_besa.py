@@ -44,6 +44,7 @@ def test_besa_learns_allocations_that_beat_uniform(runs):
     assert ppl_besa <= ppl_wanda
 
 
+@pytest.mark.heavy
 def test_besa_resumes_block_by_block(tmp_path, random_checkpoints):
     args = [sys.executable, "-m", "bonsai", "prune", "--model", str(random_checkpoints["llama"]), "--method", "besa",
             "--sparsity", "0.5", "--calib", "kjv", "--seqlen", "32", "--calib-samples", "4", "--batch-size", "1"]

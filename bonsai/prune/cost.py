@@ -19,7 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from bonsai.baselines.layerwise import states_store
+from bonsai.prune.compensation import CORRECTION_CACHE_BYTES
 from bonsai.prune.config import PruneConfig
+from bonsai.reconstruct import refit_windows, widest_projection
 
 
 @dataclass
@@ -78,9 +81,8 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
 
     probe_peak = peak_memory(device)
     C = cfg.calib_samples * seqlen
-    from bonsai.reconstruct import refit_windows, widest_projection
-
-    R = refit_windows(cfg.reconstruct_samples, cfg.calib_samples, widest_projection(adapter, groups), seqlen) * seqlen
+    widest = widest_projection(adapter, groups)
+    R = refit_windows(cfg.reconstruct_samples, cfg.calib_samples, widest, seqlen) * seqlen
     n_sub = sub_models_per_iteration(cfg, len(groups))
     gram = cfg.selection == "probe" or cfg.prior == "obs" or (cfg.compensate and n_sub)
     refit = 0 if cfg.reconstruct == "none" else (2 if parallel_block else 3)
@@ -95,11 +97,8 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
         left = 1.0 - cfg.sparsity * t / iterations  # the share of block parameters still there
         tokens += left * (C + (R if gram else 0) + n_sub * C * probe_share + advance + refit * R)
     dtype_bytes = next(model.parameters()).element_size()
-    widest = max(adapter.output_projection(k).in_features for k in groups)
     gram_bytes = 2 * widest * widest * (8 if device.type == "cpu" else 4)
     hidden = model.config.hidden_size
-    from bonsai.baselines.layerwise import states_store
-
     # a block's input and output states over the refit windows; in host memory when large on an accelerator,
     # with one batch in and out on the device
     on_device = R if states_store(model, R) is None else cfg.batch_size * seqlen
@@ -107,8 +106,6 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
     states += advance * hidden * dtype_bytes  # the probes' kept states
     comp = 0
     if cfg.compensate and n_sub:  # the candidates' columns of each H^-1 (host memory) and the probes' corrections
-        from bonsai.prune.compensation import CORRECTION_CACHE_BYTES
-
         share = min(1.0, cfg.candidate_multiple * cfg.p_iter)
         columns = [adapter.output_projection(k).in_features ** 2 * share * (8 if device.type == "cpu" else 4)
                    for k in groups]

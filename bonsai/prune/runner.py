@@ -121,9 +121,6 @@ class PruneRun:
         self.seqlen = default_seqlen(self.model.config, cfg.seqlen)
         self.adapter.check_kinds(cfg.unit_kinds)
         self.groups = self.adapter.groups(cfg.unit_kinds)
-        from bonsai.reconstruct import widest_projection
-
-        self._widest = widest_projection(self.adapter, self.groups)  # the parent's: fixes the refit windows' count
         self._refit_windows = 0  # set with the run's state (`_initial_state`)
         self.budget = plan_budget(self.adapter, self.groups, cfg)
         self.evals_this_process = 0
@@ -173,10 +170,11 @@ class PruneRun:
             self._refit_windows = state.refit_windows or self.cfg.reconstruct_samples or self.cfg.calib_samples
             self._restore(state)
             return state
-        from bonsai.reconstruct import refit_windows
+        from bonsai.reconstruct import refit_windows, widest_projection
 
-        self._refit_windows = refit_windows(self.cfg.reconstruct_samples, self.cfg.calib_samples, self._widest,
-                                            self.seqlen)
+        # from the parent's widest projection, so that the count stays the same through the run
+        self._refit_windows = refit_windows(self.cfg.reconstruct_samples, self.cfg.calib_samples,
+                                            widest_projection(self.adapter, self.groups), self.seqlen)
         state = RunState(fingerprint=self.cfg.fingerprint(),
                          kept={str(k): list(range(self.adapter.group_size(k))) for k in self.groups},
                          started=time.time(), refit_windows=self._refit_windows)
@@ -278,9 +276,9 @@ class PruneRun:
         it = self.store.load_iteration(t)
         if it is None:
             it = self._start_iteration(t, windows)
-        it = self.dist.broadcast(it)
+        it = self.dist.broadcast(it)  # every replica works from the main process's masks
         phases = {"statistics": time.time() - start}  # prior pass, unit errors (0 where a checkpoint held them)
-        mark = time.time()  # every replica works from the main process's masks
+        mark = time.time()
         keys = [k for k in self.groups if len(it.candidates[str(k)])]
         offsets = np.cumsum([0] + [len(it.candidates[str(k)]) for k in keys])
         cand_prior = np.concatenate([it.prior[str(k)][it.candidates[str(k)]] for k in keys]) if keys else np.zeros(0)
@@ -601,11 +599,8 @@ class PruneRun:
         not the sub-models' windows."""
         from bonsai.data import calibration_windows
 
-        n = self._refit_count()
+        n = self._refit_windows
         return calibration_windows(self.tokenizer, self.cfg.calib, n, self.seqlen, seed=self.cfg.seed * 100003 + t + 50021)
-
-    def _refit_count(self) -> int:
-        return self._refit_windows
 
     def _refit_tensors(self) -> dict[str, torch.Tensor]:
         """Every group's output projection (weight, bias): what reconstruction changes beyond slicing."""
@@ -626,7 +621,7 @@ class PruneRun:
             "model": self.cfg.model,
             "settings": self.cfg.to_dict(),
             "seqlen": self.seqlen,
-            "refit_windows": self._refit_count(),  # the refit's and the compensation statistics' windows
+            "refit_windows": self._refit_windows,  # the refit's and the compensation statistics' windows
             "iterations": state.history,
             "totals": {
                 "target_sparsity": self.cfg.sparsity,

@@ -9,7 +9,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`-n auto`, in the default options) the cores are shared between workers: each worker and the
+# subprocesses its tests start get cores / workers threads, so that in-process and subprocess results use the same count.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // _workers))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+torch.set_num_threads(THREADS)
 
 from bonsai.models.aliases import TINY_MODEL_DIR
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from bonsai.models.aliases import TINY_MODEL_DIR
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("faults")]  # one worker builds the runs fixture
 
 PRUNE = [sys.executable, "-m", "bonsai", "prune", "--model", "tiny", "--sparsity", "0.2", "--p-iter", "0.1",
          "--samples", "6", "--calib", "kjv", "--seqlen", "32", "--calib-samples", "4", "--batch-size", "8",

@@ -17,7 +17,7 @@ from bonsai.models.loading import load_model, load_tokenizer
 from bonsai.prune.config import PruneConfig
 from bonsai.prune.runner import PruneRun
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("finetune")]  # one worker builds the pruned fixture
 
 FAST = dict(teacher="tiny", data="kjv", lora_rank=8, lora_alpha=32, lr=2e-3, seqlen=64, samples=256, steps=30,
             batch_size=4, eval_windows=8, checkpoint_every=10, log_every=5, top_k=32, device="cpu")

@@ -38,12 +38,13 @@ def tiny_runs(tmp_path_factory):
     for method in ("bonsai", "random"):
         runs[method] = prune(root / method, model="tiny", sparsity=0.3, method=method, p_iter=0.1, samples=32,
                              seqlen=128, calib_samples=16)
-    runs["paper"] = prune(root / "paper", model="tiny", sparsity=0.3, p_iter=0.1, samples=32, seqlen=128, calib_samples=16,
+    runs["paper"] = prune(root / "paper", model="tiny", sparsity=0.3, p_iter=0.1, samples=32,  # 64-token windows
                           selection="paper", prior="wanda", compensate=False, utility="loss", reconstruct="none",
                           adaptive=False)
     return root, runs
 
 
+@pytest.mark.xdist_group("tiny_runs")  # one worker builds the fixture
 def test_tiny_sparsity_reached_within_one_unit(tiny_runs):
     root, runs = tiny_runs
     report = json.loads((root / "bonsai" / "report.json").read_text())
@@ -69,6 +70,7 @@ def test_tiny_sparsity_reached_within_one_unit(tiny_runs):
         assert h["sub_models"] == 32 and h["cv_tau"] is not None and h["penalty"] > 0
 
 
+@pytest.mark.xdist_group("tiny_runs")  # one worker builds the fixture
 def test_tiny_output_reloads_with_stock_transformers(tiny_runs):
     from transformers import AutoModelForCausalLM
 
@@ -83,6 +85,7 @@ def test_tiny_output_reloads_with_stock_transformers(tiny_runs):
         torch.testing.assert_close(mine(ids).logits, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.xdist_group("tiny_runs")  # one worker builds the fixture
 def test_bonsai_beats_random(tiny_runs):
     root, _ = tiny_runs
     ppl = {m: run_perplexity("kjv", str(root / m), seqlen=128, batch_size=16, device="cpu")["ppl"]

@@ -14,7 +14,7 @@ from bonsai.eval.runner import run_perplexity
 from bonsai.prune.config import PruneConfig
 from bonsai.baselines.runner import BaselineRun
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("besa")]  # one worker builds the runs fixture
 
 CALIB = dict(calib="kjv", seqlen=128, calib_samples=64, batch_size=1)
 

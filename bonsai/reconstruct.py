@@ -18,7 +18,9 @@ same H to score units and to evaluate compensated sub-models).
 Statistics are sequential: block i sees hidden states that went through the already pruned
 and refit blocks 0..i-1 (captured once at block 0 and carried forward), attention before MLP within a
 block, both from the block input when the adapter says the block is parallel (Phi). One layer's Gram
-matrix exists at a time, so memory stays at inference level plus the calibration hidden states.
+matrix exists at a time, so memory stays at inference level plus the calibration hidden states. A
+statistics pass stops each batch once its projections have their inputs (the attention stage never runs the
+MLP); one full pass per block then carries the refit block's output forward.
 """
 
 from __future__ import annotations
@@ -252,7 +254,7 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
     """Physically remove every unit not in `keep[group]` (indices into the group's current units) and, unless
     `mode` is none, refit the output projections block by block on `windows` (see module doc). `on_block(i)`
     is called after block i is done."""
-    from bonsai.baselines.layerwise import block_outputs, capture_block_inputs, states_store
+    from bonsai.baselines.layerwise import block_outputs, block_statistics, capture_block_inputs, states_store
 
     report = RemovalReport()
 
@@ -278,8 +280,9 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
         here = [GroupKey(i, kind) for kind in (ATTENTION, MLP) if GroupKey(i, kind) in todo]
         stages = [here] if adapter.parallel_block else [[k] for k in here]
         for stage in stages:
-            with GramStats({k: adapter.output_projection(k) for k in stage}) as stats:
-                block_outputs(block, inputs)
+            projections = {k: adapter.output_projection(k) for k in stage}
+            with GramStats(projections) as stats:  # each batch runs only until its projections have their inputs
+                block_statistics(block, inputs, list(projections.values()))
             for key in stage:
                 lin = adapter.output_projection(key)
                 if key not in stats.gram:  # the projection never ran (cannot happen for a live layer)

@@ -10,7 +10,7 @@ a time, and no module name beyond the adapter's `layers()` is ever used.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -139,6 +139,35 @@ def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     device = next(block.parameters()).device
     return [run_block(block, h.to(device), kw).to(inputs.store_device)
             for h, kw in zip(inputs.hidden, inputs.kwargs_for(block), strict=True)]
+
+
+@torch.no_grad()
+def block_statistics(block: nn.Module, inputs: BlockInputs, stop_after: Sequence[nn.Module]) -> None:
+    """Run the block on every batch only as far as statistics need: a batch stops as soon as every module in
+    `stop_after` has been entered, so hooks registered on them before this call (a GramStats) have seen their
+    inputs and the rest of the block is never computed. For the refit's attention stage that skips the MLP,
+    most of a block's work. A module that does not run in a batch just lets the block finish."""
+    entered: set[int] = set()
+
+    def enter(i: int):
+        def hook(module, args):
+            entered.add(i)
+            if len(entered) == len(stop_after):
+                raise _Stop
+        return hook
+
+    handles = [m.register_forward_pre_hook(enter(i)) for i, m in enumerate(stop_after)]
+    device = next(block.parameters()).device
+    try:
+        for h, kw in zip(inputs.hidden, inputs.kwargs_for(block), strict=True):
+            entered.clear()
+            try:
+                run_block(block, h if inputs.store_device is None else h.to(device), kw)
+            except _Stop:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def block_linears(block: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Linear]:

@@ -18,6 +18,8 @@ from bonsai.prune.runner import PruneRun
 from bonsai.reconstruct import REFIT_TOKENS_PER_COLUMN
 
 pytestmark = pytest.mark.integration
+# the tests that read the tiny_runs fixture stay on one xdist worker, which builds it once
+on_tiny_runs_worker = pytest.mark.xdist_group("tiny_runs")
 
 FAST = dict(calib="kjv", seqlen=64, calib_samples=8, batch_size=16, checkpoint_every=4)
 
@@ -44,7 +46,7 @@ def tiny_runs(tmp_path_factory):
     return root, runs
 
 
-@pytest.mark.xdist_group("tiny_runs")  # one worker builds the fixture
+@on_tiny_runs_worker
 def test_tiny_sparsity_reached_within_one_unit(tiny_runs):
     root, runs = tiny_runs
     report = json.loads((root / "bonsai" / "report.json").read_text())
@@ -70,7 +72,7 @@ def test_tiny_sparsity_reached_within_one_unit(tiny_runs):
         assert h["sub_models"] == 32 and h["cv_tau"] is not None and h["penalty"] > 0
 
 
-@pytest.mark.xdist_group("tiny_runs")  # one worker builds the fixture
+@on_tiny_runs_worker
 def test_tiny_output_reloads_with_stock_transformers(tiny_runs):
     from transformers import AutoModelForCausalLM
 
@@ -85,7 +87,7 @@ def test_tiny_output_reloads_with_stock_transformers(tiny_runs):
         torch.testing.assert_close(mine(ids).logits, ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.xdist_group("tiny_runs")  # one worker builds the fixture
+@on_tiny_runs_worker
 def test_bonsai_beats_random(tiny_runs):
     root, _ = tiny_runs
     ppl = {m: run_perplexity("kjv", str(root / m), seqlen=128, batch_size=16, device="cpu")["ppl"]

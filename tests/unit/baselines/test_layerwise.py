@@ -4,8 +4,10 @@ import pytest
 import torch
 from helpers import FAMILIES, tiny_model
 
-from bonsai.adapters import get_adapter
-from bonsai.baselines.layerwise import HOST_STATES_SHARE, block_outputs, capture_block_inputs, states_store
+from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
+from bonsai.baselines.layerwise import (HOST_STATES_SHARE, block_outputs, block_statistics, capture_block_inputs,
+                                        states_store)
+from bonsai.reconstruct import GramStats
 
 pytestmark = pytest.mark.unit
 
@@ -42,3 +44,30 @@ def test_block_states_wait_in_host_memory_only_on_an_accelerator_and_when_large(
     assert states_store(model, int(limit) - 1) is None
     assert states_store(model, int(limit) + 1) == torch.device("cpu")
     assert states_store(tiny_model("llama"), 10**9) is None  # CPU model: no other memory to go to
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_statistics_pass_stops_where_its_projections_have_their_inputs(family):
+    """Stopped after the attention's output projection, a batch never reaches the MLP's, and the Gram matrix
+    is the one a full block forward gives; with both projections it equals the full pass for both."""
+    model = tiny_model(family).double()
+    adapter = get_adapter(model)
+    windows = torch.randint(0, 97, (5, 16), generator=torch.Generator().manual_seed(1))
+    inputs = capture_block_inputs(model, adapter.layers(), windows, batch_size=2)
+    block = adapter.layers()[0]
+    attn, mlp = adapter.output_projection(GroupKey(0, ATTENTION)), adapter.output_projection(GroupKey(0, MLP))
+    with GramStats({"attn": attn, "mlp": mlp}) as full:
+        block_outputs(block, inputs)
+    calls = []
+    counter = mlp.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with GramStats({"attn": attn}) as early:
+        block_statistics(block, inputs, [attn])
+    counter.remove()
+    assert calls == []  # the MLP's output projection never ran
+    assert early.tokens["attn"] == full.tokens["attn"] == windows.numel()
+    torch.testing.assert_close(early.gram["attn"], full.gram["attn"], rtol=0, atol=0)
+    with GramStats({"attn": attn, "mlp": mlp}) as both:
+        block_statistics(block, inputs, [attn, mlp])
+    for key in ("attn", "mlp"):
+        torch.testing.assert_close(both.gram[key], full.gram[key], rtol=0, atol=0)
+        torch.testing.assert_close(both.sum[key], full.sum[key], rtol=0, atol=0)

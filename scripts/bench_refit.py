@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""The refit's statistics passes, stopped early against run through, side by side in one run.
+
+The lstsq refit (`bonsai/reconstruct.py`) visits the blocks in order; per block it needs the Gram matrix of
+the attention's output projection (on the block's input), then that of the MLP's (after the attention's
+refit), then the block's output for the next block. The two statistics passes used to run the whole block;
+they now stop each batch once their projection has its input (`block_statistics`), so the attention pass
+skips the MLP. This script times, per block and on the same batches, the three passes both ways (Gram
+hooks included, as the refit runs them) and prints the refit's forward time before / after.
+
+  python scripts/bench_refit.py --shape smollm2-135m --windows 64 --seqlen 128 --batch-size 8
+  python scripts/bench_refit.py --shape llama-2-7b --device cuda --dtype bfloat16 --windows 8 --seqlen 2048 --batch-size 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a clone without installing
+from bench_prune import SHAPES, build, sync  # noqa: E402
+
+from bonsai.runtime import configure_threads  # noqa: E402
+
+configure_threads()
+
+
+def timed(device, fn, *args) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn(*args)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    p.add_argument("--model", help="a model folder instead of --shape")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--windows", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--blocks", type=int, default=4, help="blocks timed (the first ones; each is alike)")
+    p.add_argument("--json")
+    args = p.parse_args()
+
+    from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
+    from bonsai.baselines.layerwise import block_outputs, block_statistics, capture_block_inputs, states_store
+    from bonsai.reconstruct import GramStats
+    from bonsai.runtime import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device, torch.bfloat16)
+    model = build(argparse.Namespace(shape=None if args.model else args.shape, model=args.model), device, dtype)
+    adapter = get_adapter(model)
+    vocab = model.config.vocab_size
+    windows = torch.randint(0, vocab, (args.windows, args.seqlen), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, adapter.layers(), windows, args.batch_size,
+                                  states_store(model, windows.numel()))
+    rows = []
+    for i in range(min(args.blocks, len(adapter.layers()))):
+        block = adapter.layers()[i]
+        stages = ([[GroupKey(i, ATTENTION), GroupKey(i, MLP)]] if adapter.parallel_block
+                  else [[GroupKey(i, ATTENTION)], [GroupKey(i, MLP)]])
+        full = early = 0.0
+        for stage in stages:
+            projections = {k: adapter.output_projection(k) for k in stage}
+            with GramStats(projections):
+                full += timed(device, block_outputs, block, inputs)
+            with GramStats(projections):
+                early += timed(device, block_statistics, block, inputs, list(projections.values()))
+        out_pass = timed(device, block_outputs, block, inputs)  # the same both ways
+        rows.append(dict(block=i, before=full + out_pass, after=early + out_pass))
+        print(f"block {i}: statistics passes {full:.2f} s run through, {early:.2f} s stopped early; "
+              f"output pass {out_pass:.2f} s")
+        inputs.hidden = block_outputs(block, inputs)
+    before, after = sum(r["before"] for r in rows), sum(r["after"] for r in rows)
+    print(f"refit forward time over {len(rows)} blocks ({args.windows} x {args.seqlen} tokens, {device}, {dtype}): "
+          f"{before:.2f} s before, {after:.2f} s after = {after / before:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(args=vars(args), blocks=rows, ratio=after / before), indent=1))
+
+
+if __name__ == "__main__":
+    main()

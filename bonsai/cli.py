@@ -243,7 +243,8 @@ def prune_cmd(
                                                 "relative to the residual stream) | wanda | activation | magnitude | "
                                                 "uniform (paper Fig. 3)."),
     p_iter: float | None = typer.Option(None, "--p-iter", help="Fraction pruned per iteration (default: 0.3 for bonsai's "
-                                                              "probe selection, the paper's 0.05 otherwise)."),
+                                                              "probe selection, 0.1 for it with --reconstruct none, the "
+                                                              "paper's 0.05 otherwise)."),
     samples: int | None = typer.Option(None, help="paper selection: sub-models evaluated per iteration (default 200)."),
     probe_depths: int | None = typer.Option(None, "--probe-depths",
                                             help="probe selection: depths probed per layer group (default 1: one "

@@ -16,6 +16,10 @@ PAPER_P_ITER = 0.05  # Table 9: 5% of the model per iteration
 # The probe selection's step: one iteration up to 30%, equal steps of at most 0.3 beyond (50%: two of 0.25).
 # Fewer, larger steps measured as good or better, and the run costs a third of p_iter 0.1 (docs/quality.md).
 PROBE_P_ITER = 0.3
+# Without a refit the probes are not compensated, and a probe that drops 60% of a group (p_iter 0.3) measures a
+# damage far from linear: steps of 0.1 measured better there (SmolLM2 30%, --reconstruct none: 72.3 against
+# 76.4 on seed 0; docs/quality.md, last section).
+PROBE_P_ITER_UNREFIT = 0.1
 BONSAI_METHODS = ("bonsai", "prior-only", "no-regression", "random")
 BASELINE_METHODS = ("wanda", "llm-pruner", "besa", "flap")
 METHODS = BONSAI_METHODS + BASELINE_METHODS
@@ -40,7 +44,8 @@ class PruneConfig:
     sparsity: float = 0.5
     method: str = "bonsai"
     prior: str = "obs"
-    p_iter: float | None = None  # None: PROBE_P_ITER for bonsai's probe selection, else the paper's PAPER_P_ITER
+    p_iter: float | None = None  # None: PROBE_P_ITER for bonsai's probe selection (PROBE_P_ITER_UNREFIT without a
+    # refit), else the paper's PAPER_P_ITER
     samples: int = 200
     calib: str = "wikitext2"
     calib_samples: int = 32
@@ -112,7 +117,9 @@ class PruneConfig:
             raise BonsaiError(f"--sparsity must be in (0, 1), got {self.sparsity}")
         if self.p_iter is None:  # resolved here, so the fingerprint and the report hold what the run did
             probe = self.method == "bonsai" and self.selection == "probe"
-            self.p_iter = min(PROBE_P_ITER if probe else PAPER_P_ITER, self.sparsity)
+            refit = self.reconstruct or ("lstsq" if self.method in STRUCTURED_METHODS else "none")
+            step = (PROBE_P_ITER if refit != "none" else PROBE_P_ITER_UNREFIT) if probe else PAPER_P_ITER
+            self.p_iter = min(step, self.sparsity)
         if not 0 < self.p_iter <= self.sparsity:
             raise BonsaiError(f"--p-iter must be in (0, sparsity={self.sparsity}], got {self.p_iter}")
         if self.samples < 4:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from bonsai.adapters import get_adapter
 from bonsai.eval.runner import run_perplexity
 from bonsai.models.loading import load_model
-from bonsai.prune.config import PAPER_P_ITER, PROBE_P_ITER, PruneConfig, build_config
+from bonsai.prune.config import PAPER_P_ITER, PROBE_P_ITER, PROBE_P_ITER_UNREFIT, PruneConfig, build_config
 from bonsai.prune.runner import PruneRun
 from bonsai.reconstruct import REFIT_TOKENS_PER_COLUMN
 
@@ -450,6 +450,9 @@ def test_probe_selection_takes_few_large_steps_and_the_papers_settings_keep_its_
     """bonsai's probe selection defaults to steps of at most 0.3 (one iteration to 30%, two of 0.25 to 50%);
     the paper's selection and the ablations keep Table 9's 0.05, presets and flags still win."""
     assert PruneConfig(model="tiny", sparsity=0.3).validate().p_iter == PROBE_P_ITER == 0.3
+    # without a refit the probes are uncompensated: smaller steps
+    assert PruneConfig(model="tiny", sparsity=0.3, reconstruct="none").validate().p_iter == PROBE_P_ITER_UNREFIT == 0.1
+    assert PruneConfig(model="tiny", sparsity=0.3, reconstruct="bias").validate().p_iter == PROBE_P_ITER
     assert PruneConfig(model="tiny", sparsity=0.2).validate().p_iter == 0.2  # never beyond the target
     assert PruneConfig(model="tiny", sparsity=0.5, selection="paper").validate().p_iter == PAPER_P_ITER == 0.05
     assert PruneConfig(model="tiny", sparsity=0.5, method="prior-only").validate().p_iter == PAPER_P_ITER

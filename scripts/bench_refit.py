@@ -31,12 +31,13 @@ from bonsai.runtime import configure_threads  # noqa: E402
 configure_threads()
 
 
-def timed(device, fn, *args) -> float:
+def timed(device, fn, *args):
+    """(seconds, result) of fn(*args), synchronised on accelerators."""
     sync(device)
     start = time.perf_counter()
-    fn(*args)
+    result = fn(*args)
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, result
 
 
 def main() -> None:
@@ -74,14 +75,14 @@ def main() -> None:
         for stage in stages:
             projections = {k: adapter.output_projection(k) for k in stage}
             with GramStats(projections):
-                full += timed(device, block_outputs, block, inputs)
+                full += timed(device, block_outputs, block, inputs)[0]
             with GramStats(projections):
-                early += timed(device, block_statistics, block, inputs, list(projections.values()))
-        out_pass = timed(device, block_outputs, block, inputs)  # the same both ways
+                early += timed(device, block_statistics, block, inputs, list(projections.values()))[0]
+        out_pass, outputs = timed(device, block_outputs, block, inputs)  # the same both ways
         rows.append(dict(block=i, before=full + out_pass, after=early + out_pass))
         print(f"block {i}: statistics passes {full:.2f} s run through, {early:.2f} s stopped early; "
               f"output pass {out_pass:.2f} s")
-        inputs.hidden = block_outputs(block, inputs)
+        inputs.hidden = outputs  # the timed pass's outputs feed the next block
     before, after = sum(r["before"] for r in rows), sum(r["after"] for r in rows)
     print(f"refit forward time over {len(rows)} blocks ({args.windows} x {args.seqlen} tokens, {device}, {dtype}): "
           f"{before:.2f} s before, {after:.2f} s after = {after / before:.2f}x")

@@ -115,10 +115,11 @@ class PruneConfig:
     def validate(self) -> PruneConfig:
         if not 0 < self.sparsity < 1:
             raise BonsaiError(f"--sparsity must be in (0, 1), got {self.sparsity}")
+        if self.reconstruct is None:  # first: the default step depends on it
+            self.reconstruct = "lstsq" if self.method in STRUCTURED_METHODS else "none"
         if self.p_iter is None:  # resolved here, so the fingerprint and the report hold what the run did
             probe = self.method == "bonsai" and self.selection == "probe"
-            refit = self.reconstruct or ("lstsq" if self.method in STRUCTURED_METHODS else "none")
-            step = (PROBE_P_ITER if refit != "none" else PROBE_P_ITER_UNREFIT) if probe else PAPER_P_ITER
+            step = (PROBE_P_ITER if self.reconstruct != "none" else PROBE_P_ITER_UNREFIT) if probe else PAPER_P_ITER
             self.p_iter = min(step, self.sparsity)
         if not 0 < self.p_iter <= self.sparsity:
             raise BonsaiError(f"--p-iter must be in (0, sparsity={self.sparsity}], got {self.p_iter}")
@@ -165,8 +166,6 @@ class PruneConfig:
             self._validate_baseline()
         from bonsai.reconstruct import RECONSTRUCT_MODES
 
-        if self.reconstruct is None:
-            self.reconstruct = "lstsq" if self.method in STRUCTURED_METHODS else "none"
         if self.compensate is None:
             self.compensate = self.reconstruct == "lstsq"  # the probes' compensation is the lstsq refit's
         if self.sequential_obs is None:

@@ -75,7 +75,22 @@ class GGUFModel:
         return total, count
 
     def close(self) -> None:
-        self.llm.close() if hasattr(self.llm, "close") else None
+        """Free llama.cpp's model and context now, in order, instead of whenever the garbage collector runs."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None and hasattr(llm, "close"):
+            llm.close()
+
+    def __enter__(self) -> "GGUFModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def gguf_logits(path: str | Path, tokens: list[int], n_ctx: int = 2048) -> np.ndarray:
+    """Logits of one token window from a GGUF file, with llama.cpp loaded and freed around the call."""
+    with GGUFModel(path, n_ctx=n_ctx) as model:
+        return model.logits(tokens)
 
 
 class GGUFTokenizer:
@@ -123,11 +138,11 @@ def gguf_perplexity(target: str, path: str, seqlen: int = 2048, split: str = "te
     from bonsai.progress import make_progress
 
     _, params = gguf_metadata(path)
-    model = GGUFModel(path, n_ctx=seqlen)
-    windows, data = eval_windows(GGUFTokenizer(model), target, seqlen, split=split, max_windows=max_windows)
-    with make_progress(transient=True) as progress:
-        task = progress.add_task(f"{data.name} ppl (llama.cpp)", total=windows.shape[0], info="")
-        nll, count = model.window_nll(windows, on_window=lambda: progress.advance(task))
+    with GGUFModel(path, n_ctx=seqlen) as model:
+        windows, data = eval_windows(GGUFTokenizer(model), target, seqlen, split=split, max_windows=max_windows)
+        with make_progress(transient=True) as progress:
+            task = progress.add_task(f"{data.name} ppl (llama.cpp)", total=windows.shape[0], info="")
+            nll, count = model.window_nll(windows, on_window=lambda: progress.advance(task))
     loss = nll / count
     return {"ppl": math.exp(loss) if math.isfinite(loss) else float("inf"), "loss": loss, "dataset": data.name,
             "split": data.split, "seqlen": seqlen, "tokens": int(windows.numel()), "windows": int(windows.shape[0]),

@@ -21,7 +21,7 @@ from bonsai.reconstruct import remove_units
 pytestmark = pytest.mark.integration
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from bonsai.export.llamacpp import GGUFModel, gguf_perplexity  # noqa: E402
+from bonsai.export.llamacpp import GGUFModel, gguf_logits, gguf_perplexity  # noqa: E402
 
 TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
         "and darkness was upon the face of the deep.\n\n  Numbers 1234 and 56, symbols: $%& (x) -- 'quoted' \"twice\"!")
@@ -47,7 +47,7 @@ def test_llama_cpp_logits_equal_transformers(family, refit, tmp_path, tiny_token
     ids = torch.randint(3, len(tiny_tokenizer), (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expect = model(ids).logits[0].numpy()
-    got = GGUFModel(tmp_path / "m.gguf", n_ctx=64).logits(ids[0].tolist())
+    got = gguf_logits(tmp_path / "m.gguf", n_ctx=64, tokens=ids[0].tolist())
     assert got.shape == expect.shape
     assert np.abs(got - expect).max() <= 1e-3 * np.abs(expect).max()
 
@@ -63,7 +63,7 @@ def test_layer_removed_and_layer_zero_without_heads(tmp_path, tiny_tokenizer):
     ids = torch.randint(3, len(tiny_tokenizer), (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expect = model(ids).logits[0].numpy()
-    got = GGUFModel(tmp_path / "m.gguf", n_ctx=64).logits(ids[0].tolist())
+    got = gguf_logits(tmp_path / "m.gguf", n_ctx=64, tokens=ids[0].tolist())
     assert np.abs(got - expect).max() <= 1e-3 * np.abs(expect).max()
 
 
@@ -76,18 +76,20 @@ def test_unpruned_model_is_plain_llama(tmp_path, tiny_tokenizer):
     ids = tiny_tokenizer(TEXT, add_special_tokens=False)["input_ids"][:48]
     with torch.no_grad():
         expect = model(torch.tensor([ids])).logits[0].numpy()
-    got = GGUFModel(tmp_path / "t.gguf", n_ctx=64).logits(ids)
+    got = gguf_logits(tmp_path / "t.gguf", n_ctx=64, tokens=ids)
     assert np.abs(got - expect).max() <= 1e-3 * np.abs(expect).max()
 
 
 def test_tokenisation_matches_transformers(tmp_path, tiny_tokenizer):
     model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
     write_gguf(model, tiny_tokenizer, tmp_path / "t.gguf", "f32")
-    gm = GGUFModel(tmp_path / "t.gguf", n_ctx=64)
     from bonsai.data.sources import load_text
 
     sample = TEXT + load_text("austen", "test").text[:3000]
-    assert gm.tokenize(sample) == tiny_tokenizer(sample, add_special_tokens=False)["input_ids"]
+    with GGUFModel(tmp_path / "t.gguf", n_ctx=64) as gm:
+        assert gm.tokenize(sample) == tiny_tokenizer(sample, add_special_tokens=False)["input_ids"]
+    assert gm.llm is None  # freed on leaving the block, not whenever the garbage collector runs
+    gm.close()
 
 
 @pytest.mark.parametrize("dtype,bound", [("f16", 0.01), ("q8_0", 0.02)])
@@ -161,13 +163,13 @@ def test_real_model_export_matches_llama_cpp():
     out = Path(__file__).parent / ".smollm2-test.gguf"
     try:
         write_gguf(model, tok, out, "f32")
-        gm = GGUFModel(out, n_ctx=128)
         sample = load_text("austen", "test").text[:20000] + TEXT
-        assert gm.tokenize(sample) == tok(sample, add_special_tokens=False)["input_ids"]
-        ids = tok(sample, add_special_tokens=False)["input_ids"][:96]
-        with torch.no_grad():
-            expect = model(torch.tensor([ids])).logits[0].numpy()
-        assert np.abs(gm.logits(ids) - expect).max() <= 1e-3 * np.abs(expect).max()
+        with GGUFModel(out, n_ctx=128) as gm:
+            assert gm.tokenize(sample) == tok(sample, add_special_tokens=False)["input_ids"]
+            ids = tok(sample, add_special_tokens=False)["input_ids"][:96]
+            with torch.no_grad():
+                expect = model(torch.tensor([ids])).logits[0].numpy()
+            assert np.abs(gm.logits(ids) - expect).max() <= 1e-3 * np.abs(expect).max()
     finally:
         out.unlink(missing_ok=True)
 
@@ -185,7 +187,8 @@ def test_k_quants_cover_every_matrix_when_widths_are_multiples_of_256(tmp_path, 
     assert any(n.endswith("ffn_down.weight") for n in blocks)
     write_gguf(model, tiny_tokenizer, tmp_path / "h.gguf", "f16")
     ids = torch.randint(3, len(tiny_tokenizer), (24,), generator=torch.Generator().manual_seed(3)).tolist()
-    k, h = GGUFModel(tmp_path / "k.gguf", n_ctx=64).logits(ids), GGUFModel(tmp_path / "h.gguf", n_ctx=64).logits(ids)
+    k = gguf_logits(tmp_path / "k.gguf", n_ctx=64, tokens=ids)
+    h = gguf_logits(tmp_path / "h.gguf", n_ctx=64, tokens=ids)
     assert np.isfinite(k).all() and np.corrcoef(k.ravel(), h.ravel())[0, 1] > 0.98
 
 
@@ -235,7 +238,7 @@ def test_uniform_families_run_as_their_own_llama_cpp_architecture(family, units,
     ids = torch.randint(3, len(tiny_tokenizer), (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expect = model(ids).logits[0].numpy()
-    got = GGUFModel(tmp_path / "m.gguf", n_ctx=64).logits(ids[0].tolist())
+    got = gguf_logits(tmp_path / "m.gguf", n_ctx=64, tokens=ids[0].tolist())
     assert np.abs(got - expect).max() <= 1e-3 * np.abs(expect).max()
 
 
@@ -265,7 +268,7 @@ def test_per_layer_phi3_is_padded_exactly(tmp_path, tiny_tokenizer):
     ids = torch.randint(3, len(tiny_tokenizer), (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expect = model(ids).logits[0].numpy()
-    got = GGUFModel(tmp_path / "m.gguf", n_ctx=64).logits(ids[0].tolist())
+    got = gguf_logits(tmp_path / "m.gguf", n_ctx=64, tokens=ids[0].tolist())
     assert np.abs(got - expect).max() <= 1e-3 * np.abs(expect).max()
 
 

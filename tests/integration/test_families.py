@@ -100,7 +100,7 @@ def test_uniform_prune_exports_to_llama_cpp(family, checkpoints, tmp_path, tiny_
     import numpy as np
 
     from bonsai.export.gguf import write_gguf
-    from bonsai.export.llamacpp import GGUFModel
+    from bonsai.export.llamacpp import gguf_logits
 
     cfg = PruneConfig(model=str(checkpoints[family]), sparsity=0.3, p_iter=0.15, allocation="uniform", units=units(family),
                       **FAST).validate()
@@ -111,6 +111,6 @@ def test_uniform_prune_exports_to_llama_cpp(family, checkpoints, tmp_path, tiny_
     ids = torch.randint(3, len(tiny_tokenizer), (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expect = model(ids).logits[0].numpy()
-    got = GGUFModel(tmp_path / "m.gguf", n_ctx=64).logits(ids[0].tolist())
+    got = gguf_logits(tmp_path / "m.gguf", n_ctx=64, tokens=ids[0].tolist())
     # llama.cpp keeps its KV cache in f16: 1e-3 of the largest logit, or 1e-3 where the logits are all below 1
     assert np.abs(got - expect).max() <= 1e-3 * max(np.abs(expect).max(), 1.0)

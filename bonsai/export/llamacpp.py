@@ -76,9 +76,9 @@ class GGUFModel:
 
     def close(self) -> None:
         """Free llama.cpp's model and context now, in order, instead of whenever the garbage collector runs."""
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None and hasattr(llm, "close"):
-            llm.close()
+        if self.llm is not None:
+            self.llm.close()  # llama-cpp-python >= 0.3 (the extra's floor) frees context then model
+            self.llm = None
 
     def __enter__(self) -> "GGUFModel":
         return self

@@ -288,6 +288,10 @@ def prune_cmd(
                                              help="Keep every layer's attention units (key/value groups) a multiple of N."),
     allocation: str | None = typer.Option(None, help="global (per-layer sizes, default) | uniform (the same sizes in "
                                                      "every layer: a stock config every engine loads)."),
+    split_probes: int | None = typer.Option(None, "--split-probes",
+                                            help="--allocation uniform with bonsai: measure the N least-cost "
+                                                 "attention/MLP splits as sub-models and keep the best (default 3; "
+                                                 "1: the scores alone decide)."),
     per_parameter: bool | None = typer.Option(None, "--per-parameter/--per-unit",
                                               help="paper selection: rank units by coefficient per parameter."),
     units: str | None = typer.Option(None, help="Unit kinds to prune: attention,mlp (default), attention or mlp."),
@@ -342,7 +346,7 @@ def prune_cmd(
                      regression=regression, selection=selection, compensate=compensate, sequential_obs=sequential_obs,
                      per_parameter=per_parameter,
                      utility=utility, width_multiple=width_multiple, head_multiple=head_multiple,
-                     allocation=allocation,
+                     allocation=allocation, split_probes=split_probes,
                      units=units, seed=seed, dtype=dtype, device=device,
                      device_map=device_map, checkpoint_every=checkpoint_every, sparsity_type=sparsity_type,
                      llmp_importance=llmp_importance, llmp_aggregation=llmp_aggregation,

@@ -11,7 +11,7 @@ from bonsai.errors import BonsaiError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 # what a run checkpointed before a setting existed did, where that differs from the setting's default now
-LEGACY_SETTINGS = {"sequential_obs": False}
+LEGACY_SETTINGS = {"sequential_obs": False, "split_probes": 1}
 PAPER_P_ITER = 0.05  # Table 9: 5% of the model per iteration
 # The probe selection's step: one iteration up to 30%, equal steps of at most 0.3 beyond (50%: two of 0.25).
 # Fewer, larger steps measured as good or better, and the run costs a third of p_iter 0.1 (docs/quality.md).
@@ -77,6 +77,10 @@ class PruneConfig:
     width_multiple: int = 1
     head_multiple: int = 1
     allocation: str = "global"
+    # --allocation uniform takes each kind's step in every layer at once, so the attention/MLP split is one coarse
+    # choice for the whole network: bonsai measures the N least-cost splits (by the scores) as compensated
+    # sub-models and keeps the best (1: the scores alone decide; SmolLM2 50%, docs/quality.md last section)
+    split_probes: int = 3
     per_parameter: bool = False  # paper selection: rank units by beta per parameter instead of beta
     units: str = "attention,mlp"
     seed: int = 0
@@ -137,6 +141,8 @@ class PruneConfig:
             raise BonsaiError("--width-multiple and --head-multiple must be at least 1")
         if self.allocation not in ("global", "uniform"):
             raise BonsaiError(f"unknown --allocation {self.allocation!r}: choose global or uniform")
+        if self.split_probes < 1:
+            raise BonsaiError(f"--split-probes must be at least 1 (got {self.split_probes})")
         if not 1 <= self.candidate_multiple <= 1 / self.p_iter + 1e-9:
             raise BonsaiError(f"--candidate-multiple must be in [1, 1/p_iter = {1 / self.p_iter:g}] "
                               f"(got {self.candidate_multiple})")

@@ -30,7 +30,7 @@ from bonsai.prune.priors import NEEDS_GRAM
 from bonsai.prune.sampling import candidate_units, probe_masks, sample_masks
 from bonsai.prune.scoring import unit_scores
 from bonsai.prune.regression import fit_unit_scores
-from bonsai.prune.selection import GroupOrder, changed_share, select_in_multiples, select_removals, select_uniform
+from bonsai.prune.selection import GroupOrder, changed_share, select_in_multiples, select_removals, uniform_options
 from bonsai.prune.state import IterationState, RunState, StateStore
 from bonsai.reconstruct import RemovalReport, remove_units
 from bonsai.runtime import peak_memory
@@ -272,7 +272,7 @@ class PruneRun:
         removed = b.block_params - adapter.block_parameters()
         need = min((t + 1) * b.step, b.target_removed) - removed
         windows = self._windows(t)
-        self._compensation = self._reference = None
+        self._compensation = self._reference = self._split_record = None
         it = self.store.load_iteration(t)
         if it is None:
             it = self._start_iteration(t, windows)
@@ -290,12 +290,14 @@ class PruneRun:
                 adaptive = self._evaluate_adaptive(it, keys, offsets, windows, progress, cand_prior, cand_params,
                                                    need, t)
             else:
-                self._evaluate_pending(it, keys, offsets, windows, progress)
+                # the split probes (uniform allocation) evaluate with the same compensation: kept until then
+                self._evaluate_pending(it, keys, offsets, windows, progress, release=not self._probes_splits())
         phases["sub_models"], mark = time.time() - mark, time.time()
         fitted = self._adaptive_fit if adaptive else None  # the last round's fit: no second regression
         scores, reg, probe = unit_scores(cfg, it, keys, offsets, cand_prior, cand_params, t, fitted)
         if cfg.width_multiple > 1 or cfg.head_multiple > 1 or cfg.allocation == "uniform":
-            removed = self._select_in_steps(it, keys, offsets, scores, need)
+            removed = self._select_in_steps(it, keys, offsets, scores, need, windows, progress)
+            self._compensation = None
         else:
             drop = select_removals(scores, cand_prior, cand_params, need)
             removed = {key: it.candidates[str(key)][drop[(drop >= offsets[j]) & (drop < offsets[j + 1])] - offsets[j]]
@@ -322,6 +324,7 @@ class PruneRun:
             "penalty": None if reg is None else _finite_or_none(reg.alpha),
             "probe_increase": probe,
             "adaptive": adaptive,
+            "uniform_splits": self._split_record,
             "reconstruction": _summary(removal),
             "calib_loss": it.base_loss,
             "calib_ppl": math.exp(it.base_loss) if it.base_loss < 700 else float("inf"),
@@ -471,21 +474,8 @@ class PruneRun:
         pending = [i for i in range(len(it.masks) if upto is None else upto) if not it.done[i]]
         if not pending:
             return
-        compensation = None
-        if cfg.compensate:
-            if self._compensation is None:  # resumed mid-iteration: the same pass again
-                _, self._compensation = self._gram_pass(self._recon_windows(it.iteration),
-                                                        {GroupKey.parse(k): v for k, v in it.prior.items()})
-            # every replica compensates with the main process's matrices (other thread counts round differently)
-            compensation = self._compensation = self.dist.broadcast(self._compensation)
-        if cfg.utility == "kl" and self._reference is None:  # resumed mid-iteration: the same forward again
-            *_, self._reference = prior_pass(self.model, self.adapter, [], windows, "uniform", cfg.batch_size,
-                                             reference=True)
-        evaluator = SubModelEvaluator(self.model, self.adapter, keys, windows, self._full_masks(it, keys, offsets),
-                                      cfg.batch_size, prior=cfg.prior if cfg.method == "no-regression" else None,
-                                      compensation=compensation,
-                                      candidates={k: torch.from_numpy(it.candidates[str(k)]) for k in keys},
-                                      reference=self._reference if cfg.utility == "kl" else None)
+        evaluator = self._evaluator(it, keys, windows, self._full_masks(it, keys, offsets),
+                                    prior=cfg.prior if cfg.method == "no-regression" else None)
         task = progress.add_task(f"sub-models (iter {it.iteration + 1})", total=len(it.masks) * len(windows),
                                  completed=int(it.done.sum()) * len(windows), info="")
         abort_after = int(os.environ.get(ABORT_ENV, "0"))
@@ -507,6 +497,31 @@ class PruneRun:
         if release:
             self._compensation = None
 
+    def _evaluator(self, it: IterationState, keys, windows: torch.Tensor, full_masks: dict[GroupKey, torch.Tensor],
+                   prior: str | None = None) -> SubModelEvaluator:
+        """An evaluator of sub-models given as full per-group masks, compensated as the probes are; what a resumed
+        run lost (the Gram pass, the reference distributions) is recomputed the same way."""
+        cfg = self.cfg
+        compensation = None
+        if cfg.compensate:
+            if self._compensation is None:  # resumed mid-iteration: the same pass again
+                _, self._compensation = self._gram_pass(self._recon_windows(it.iteration),
+                                                        {GroupKey.parse(k): v for k, v in it.prior.items()})
+            # every replica compensates with the main process's matrices (other thread counts round differently)
+            compensation = self._compensation = self.dist.broadcast(self._compensation)
+        if cfg.utility == "kl" and self._reference is None:  # resumed mid-iteration: the same forward again
+            *_, self._reference = prior_pass(self.model, self.adapter, [], windows, "uniform", cfg.batch_size,
+                                             reference=True)
+        return SubModelEvaluator(self.model, self.adapter, keys, windows, full_masks, cfg.batch_size, prior=prior,
+                                 compensation=compensation,
+                                 candidates={k: torch.from_numpy(it.candidates[str(k)]) for k in keys},
+                                 reference=self._reference if cfg.utility == "kl" else None)
+
+    def _probes_splits(self) -> bool:
+        """Whether uniform allocation's attention/MLP split is measured (bonsai's sub-models) or scored only."""
+        cfg = self.cfg
+        return cfg.allocation == "uniform" and cfg.method == "bonsai" and cfg.split_probes > 1
+
     @staticmethod
     def _record(it: IterationState, keys, chunk: list[int], utility: np.ndarray, sample_prior) -> None:
         it.utility[chunk] = utility
@@ -517,8 +532,8 @@ class PruneRun:
             it.nr_sum += (per_unit * bits).sum(0)
             it.nr_count += bits.sum(0)
 
-    def _select_in_steps(self, it: IterationState, keys, offsets, scores: np.ndarray, need: float
-                         ) -> dict[GroupKey, np.ndarray]:
+    def _select_in_steps(self, it: IterationState, keys, offsets, scores: np.ndarray, need: float,
+                         windows: torch.Tensor, progress) -> dict[GroupKey, np.ndarray]:
         """Removal in whole steps: every group keeps a multiple of --width-multiple (MLP) / --head-multiple
         (attention) units, and with --allocation uniform every group of a kind loses the same number."""
         cfg = self.cfg
@@ -551,14 +566,64 @@ class PruneRun:
                 raise BonsaiError(f"--allocation uniform needs every layer to have the same {kind} size and candidates; "
                                   "this model's layers differ (prune the parent, or use --allocation global)")
         per_param = cfg.selection == "probe" and cfg.method in ("bonsai", "prior-only")
-        counts = select_uniform({kind: [orders[k] for k in ks] for kind, ks in by_kind.items()}, need, per_param)
-        removed = {}
-        for kind, ks in by_kind.items():
-            for key in ks:
-                steps = orders[key].steps()
-                stop = steps[counts[kind] - 1][1] if counts[kind] else 0
-                removed[key] = np.sort(orders[key].units[:stop])
-        return removed
+        kinds = {kind: [orders[k] for k in ks] for kind, ks in by_kind.items()}
+
+        def removal(counts: dict[str, int]) -> dict[GroupKey, np.ndarray]:
+            out = {}
+            for kind, ks in by_kind.items():
+                for key in ks:
+                    steps = orders[key].steps()
+                    stop = steps[counts[kind] - 1][1] if counts[kind] else 0
+                    out[key] = np.sort(orders[key].units[:stop])
+            return out
+
+        options = uniform_options(kinds, need, per_param)
+        if not options:  # not reachable this iteration: take everything allowed
+            return removal({kind: min(len(o.steps()) for o in os_) for kind, os_ in kinds.items()})
+        if not self._probes_splits() or len(options) < 2:
+            return removal(options[0][1])
+        return self._probe_splits(it, keys, windows, [(cost, counts, removal(counts))
+                                                       for cost, counts in options[:cfg.split_probes]], progress)
+
+    def _probe_splits(self, it: IterationState, keys, windows: torch.Tensor,
+                      options: list[tuple[float, dict[str, int], dict[GroupKey, np.ndarray]]], progress
+                      ) -> dict[GroupKey, np.ndarray]:
+        """The least-cost uniform splits measured as whole sub-models (every layer's removal at once,
+        compensated like the probes); the best measured is kept. The scores sum per-group probes, each of one
+        layer alone, and a one-group difference in the split moves a third of every layer's attention (SmolLM2:
+        one of three key-value groups), so their noise can flip the whole network's shape. Options that remove a
+        unit outside a group's candidates (rounding to --head-multiple) cannot be compensated and are skipped;
+        when the scores' own choice is among those, it stands."""
+        cand = {k: set(it.candidates[str(k)].tolist()) for k in keys}
+
+        def measurable(removed: dict[GroupKey, np.ndarray]) -> bool:
+            return all(not len(units) or (key in cand and set(units.tolist()) <= cand[key])
+                       for key, units in removed.items())
+
+        usable = [o for o in options if measurable(o[2])]
+        if len(usable) < 2 or usable[0] is not options[0]:
+            return options[0][2]
+        full = {}
+        for key in keys:
+            m = torch.ones(len(usable), self.adapter.group_size(key), dtype=torch.uint8)
+            for row, (_, _, removed) in enumerate(usable):
+                if len(removed.get(key, ())):
+                    m[row, torch.from_numpy(removed[key])] = 0
+            full[key] = m
+        task = progress.add_task(f"split probes (iter {it.iteration + 1})", total=len(usable) * len(windows), info="")
+        utility, _ = self._evaluator(it, keys, windows, full).evaluate(list(range(len(usable))),
+                                                                       on_row=lambda: progress.advance(task))
+        progress.remove_task(task)
+        utility = np.where(np.isfinite(utility), utility, -np.inf)
+        best = int(np.argmax(utility))  # ties: the cheaper by the scores
+        self._split_record = [
+            {"removed_per_layer": counts, "score_cost": float(cost), "utility": _finite_or_none(float(u)),
+             "chosen": row == best} for row, ((cost, counts, _), u) in enumerate(zip(usable, utility, strict=True))]
+        if best and self.dist.is_main:
+            console.print(f"iteration {it.iteration + 1}: uniform split by measurement, per layer "
+                          f"{usable[best][1]} instead of the scores' {usable[0][1]} (utility {utility[best]:.4f} "
+                          f"against {utility[0]:.4f})")
+        return usable[best][2]
 
     def _apply(self, t: int, removed: dict[GroupKey, np.ndarray], state: RunState, progress) -> RemovalReport:
         """Remove the chosen units (slice, and refit the output projections unless --reconstruct none)."""

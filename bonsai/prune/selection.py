@@ -84,10 +84,12 @@ def select_in_multiples(groups: list[GroupOrder], budget: float) -> list[np.ndar
             for i, g in enumerate(groups)]
 
 
-def select_uniform(groups: dict[str, list[GroupOrder]], budget: float, cost_per_param: bool) -> dict[str, int]:
-    """The same number of steps in every group of a kind (attention, mlp), the pair of step counts that reaches
-    `budget` at the least total cost (a unit's cost: its score, times its parameters when scores are per
-    parameter). Returns steps per kind; every group of a kind must have the same size and multiple."""
+def uniform_options(groups: dict[str, list[GroupOrder]], budget: float, cost_per_param: bool
+                    ) -> list[tuple[float, dict[str, int]]]:
+    """Every pair of step counts per kind (attention, mlp) that reaches `budget` with the fewest steps of the
+    second kind, as (summed cost, steps per kind), cheapest first (a unit's cost: its score, times its parameters
+    when scores are per parameter). Empty when the budget cannot be reached. Every group of a kind must have
+    the same size and multiple, so each kind's step is taken in every group at once."""
     kinds = list(groups)
     options = {}
     for kind in kinds:
@@ -100,7 +102,7 @@ def select_uniform(groups: dict[str, list[GroupOrder]], budget: float, cost_per_
             costs.append(costs[-1] + sum(unit_cost))
             params.append(params[-1] + sum((b - a) * g.unit_params for g in gs))
         options[kind] = (costs, params)
-    best = None
+    out = []
     first, *rest = kinds
     second = rest[0] if rest else None
     for i in range(len(options[first][0])):
@@ -111,8 +113,16 @@ def select_uniform(groups: dict[str, list[GroupOrder]], budget: float, cost_per_
             while j < len(p2) - 1 and got + p2[j] < budget:
                 j += 1
             cost, got = cost + c2[j], got + p2[j]
-        if got >= budget and (best is None or cost < best[0]):
-            best = (cost, i, j)
-    if best is None:  # not reachable this iteration: take everything allowed
-        return {kind: len(options[kind][0]) - 1 for kind in kinds}
-    return {first: best[1], **({second: best[2]} if second is not None else {})}
+        if got >= budget:
+            out.append((cost, {first: i, **({second: j} if second is not None else {})}))
+    out.sort(key=lambda o: o[0])  # stable: equal costs keep the fewer steps of the first kind
+    return out
+
+
+def select_uniform(groups: dict[str, list[GroupOrder]], budget: float, cost_per_param: bool) -> dict[str, int]:
+    """The same number of steps in every group of a kind (attention, mlp): the pair of step counts that reaches
+    `budget` at the least total cost (see `uniform_options`), or everything allowed when it cannot be reached."""
+    options = uniform_options(groups, budget, cost_per_param)
+    if not options:  # not reachable this iteration: take everything allowed
+        return {kind: min(len(g.steps()) for g in gs) if gs else 0 for kind, gs in groups.items()}
+    return options[0][1]

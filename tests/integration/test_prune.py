@@ -329,6 +329,48 @@ def test_width_multiple_one_is_the_plain_selection(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_uniform_split_is_measured_and_the_best_measured_is_kept(tmp_path):
+    """--allocation uniform: the least-cost attention/MLP splits are evaluated as whole sub-models; the kept one
+    has the best utility among them, that utility is the LM loss of the parent with those units masked (a hand
+    loop), and --split-probes 1 keeps the scores' own first choice."""
+    import torch.nn.functional as F
+
+    from bonsai.adapters import GroupKey
+    from bonsai.data import calibration_windows
+    from bonsai.masking import UnitMasks
+
+    kw = dict(model="tiny", sparsity=0.3, p_iter=0.3, allocation="uniform", reconstruct="none", utility="loss")
+    run, report = prune(tmp_path / "u", **kw)
+    (it,) = report["iterations"]
+    splits = it["uniform_splits"]
+    assert len(splits) == 3 and sum(s["chosen"] for s in splits) == 1
+    chosen = next(s for s in splits if s["chosen"])
+    assert chosen["utility"] == max(s["utility"] for s in splits)
+    assert [s["score_cost"] for s in splits] == sorted(s["score_cost"] for s in splits)
+    removed = {"attention": 6 - it["attention_units"][0], "mlp": 512 - it["mlp_units"][0]}
+    assert chosen["removed_per_layer"] == removed
+
+    parent = load_model("tiny", device="cpu", dtype="float32")
+    adapter = get_adapter(parent)
+    windows = calibration_windows(run.tokenizer, "kjv", 8, 64, seed=0)
+    masks = {}
+    for key, kept in report["kept_units"].items():
+        m = torch.zeros(adapter.group_size(GroupKey.parse(key)))
+        m[kept] = 1
+        masks[GroupKey.parse(key)] = m
+    with UnitMasks(adapter) as um, torch.no_grad():
+        um.set(masks)
+        logits = parent(windows).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)).item()
+    assert chosen["utility"] == pytest.approx(-loss, abs=1e-5)
+
+    _, by_scores = prune(tmp_path / "s", split_probes=1, **kw)
+    (only,) = by_scores["iterations"]
+    assert only["uniform_splits"] is None
+    assert {"attention": 6 - only["attention_units"][0], "mlp": 512 - only["mlp_units"][0]} == \
+        splits[0]["removed_per_layer"]
+
+
 def test_uniform_allocation_saves_a_stock_config(tmp_path):
     """Every layer the same sizes: a plain LLaMA config, loaded by stock transformers without remote code, with
     the logits of the parent whose removed units are masked and whose output projections carry the refit."""

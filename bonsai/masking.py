@@ -7,24 +7,20 @@ per batch row, so several sub-models can share one batched forward.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
 from bonsai.adapters.base import ArchAdapter, GroupKey
+from bonsai.hooks import PreHooks
 
 
-class UnitMasks:
+class UnitMasks(PreHooks):
     """Hooks that apply 0/1 unit masks to a live model. Use as a context manager or call `remove()`."""
 
     def __init__(self, adapter: ArchAdapter, groups: list[GroupKey] | None = None):
         self.adapter = adapter
         self.groups = list(groups) if groups is not None else adapter.groups()
         self._columns: dict[GroupKey, torch.Tensor | None] = {}
-        self._handles = []
-        for key in self.groups:
-            lin = adapter.output_projection(key)
-            self._handles.append(lin.register_forward_pre_hook(partial(self._hook, key)))
+        super().__init__({key: adapter.output_projection(key) for key in self.groups})
 
     def set(self, masks: dict[GroupKey, torch.Tensor | None]) -> None:
         """Masks per group: shape (units,) for the whole batch or (batch, units) per row; None = keep all."""
@@ -52,13 +48,5 @@ class UnitMasks:
         return (x * columns, *args[1:])
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        super().remove()
         self._columns.clear()
-
-    def __enter__(self) -> UnitMasks:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()

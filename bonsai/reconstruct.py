@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import nn
@@ -35,6 +34,7 @@ from torch import nn
 from bonsai.adapters.base import ATTENTION, MLP, ArchAdapter, GroupKey
 from bonsai.baselines.layerwise import as_rows
 from bonsai.errors import BonsaiError
+from bonsai.hooks import PreHooks
 
 RECONSTRUCT_MODES = ("lstsq", "bias", "none")
 DEFAULT_DAMP = 1e-2
@@ -65,14 +65,14 @@ def gram_dtype(device: torch.device) -> torch.dtype:
     return torch.float64 if device.type == "cpu" else torch.float32
 
 
-class GramStats:
+class GramStats(PreHooks):
     """Running G = sum x x^T, s = sum x and n over tokens at the input of some linears (forward pre-hooks)."""
 
     def __init__(self, linears: dict[GroupKey, nn.Linear]):
         self.gram: dict[GroupKey, torch.Tensor] = {}
         self.sum: dict[GroupKey, torch.Tensor] = {}
         self.tokens: dict[GroupKey, int] = {}
-        self._handles = [lin.register_forward_pre_hook(partial(self._hook, key)) for key, lin in linears.items()]
+        super().__init__(linears)
 
     def _hook(self, key: GroupKey, module: nn.Linear, args) -> None:
         x = args[0].detach()
@@ -86,17 +86,6 @@ class GramStats:
         self.gram[key].addmm_(xd.t(), xd)
         self.sum[key] += xd.sum(0)
         self.tokens[key] += x.shape[0]
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> GramStats:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 @dataclass

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bonsai.hooks import PreHooks
+
 
 class _Stop(Exception):
     pass
@@ -176,48 +178,40 @@ def block_linears(block: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Line
             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in names and m.weight.numel() > 0}
 
 
-class InputNorms:
+class InputNorms(PreHooks):
     """Running sum over tokens of x_j^2 for every input column j of some linears (Wanda's ||X_j||_2^2)."""
 
     def __init__(self, linears: dict[str, nn.Linear]):
         self.sq = {n: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device)
                    for n, m in linears.items()}
         self.tokens = 0
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in linears.items()]
+        super().__init__(linears)
 
-    def _hook(self, name: str):
-        def hook(module, args):
-            x = as_rows(args[0].detach())
-            self.sq[name] += x.double().pow(2).sum(0)
-        return hook
+    def _hook(self, name: str, module: nn.Linear, args: tuple) -> None:
+        x = as_rows(args[0].detach())
+        self.sq[name] += x.double().pow(2).sum(0)
 
     def norms(self) -> dict[str, torch.Tensor]:
         return {n: v.sqrt().float() for n, v in self.sq.items()}
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
 
 
-class InputMoments:
+class InputMoments(PreHooks):
     """Per-column sum and sum of squares over tokens at the input of some linears (mean and variance)."""
 
     def __init__(self, linears: dict):
         self.sum, self.sq, self.tokens = {}, {}, {}
-        self._handles = [m.register_forward_pre_hook(self._hook(k)) for k, m in linears.items()]
+        super().__init__(linears)
 
-    def _hook(self, key):
-        def hook(module, args):
-            x = args[0].detach()
-            x = as_rows(x).double()
-            if key not in self.sum:
-                self.sum[key] = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
-                self.sq[key] = torch.zeros_like(self.sum[key])
-                self.tokens[key] = 0
-            self.sum[key] += x.sum(0)
-            self.sq[key] += x.pow(2).sum(0)
-            self.tokens[key] += x.shape[0]
-        return hook
+    def _hook(self, key, module: nn.Linear, args: tuple) -> None:
+        x = as_rows(args[0].detach()).double()
+        if key not in self.sum:
+            self.sum[key] = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+            self.sq[key] = torch.zeros_like(self.sum[key])
+            self.tokens[key] = 0
+        self.sum[key] += x.sum(0)
+        self.sq[key] += x.pow(2).sum(0)
+        self.tokens[key] += x.shape[0]
 
     def mean(self, key) -> torch.Tensor:
         return self.sum[key] / max(self.tokens[key], 1)
@@ -226,14 +220,3 @@ class InputMoments:
         """Population variance of each column over the tokens seen."""
         mean = self.mean(key)
         return (self.sq[key] / max(self.tokens[key], 1) - mean.pow(2)).clamp_min(0)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()

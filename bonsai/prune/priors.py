@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial
 
 import torch
 
 from bonsai.adapters.base import ArchAdapter, GroupKey
+from bonsai.hooks import PreHooks
 
 PRIORS: dict[str, Callable] = {}
 NEEDS_ACTIVATIONS = {"wanda", "activation"}
@@ -27,7 +27,7 @@ def register_prior(name: str):
     return deco
 
 
-class ActivationStats:
+class ActivationStats(PreHooks):
     """Per-row sums of x^2 and |x| over tokens at each group's output-projection input."""
 
     def __init__(self, adapter: ArchAdapter, groups: list[GroupKey]):
@@ -36,8 +36,7 @@ class ActivationStats:
         self.sq: dict[GroupKey, list[torch.Tensor]] = {k: [] for k in groups}
         self.abs: dict[GroupKey, list[torch.Tensor]] = {k: [] for k in groups}
         self.tokens_per_row = 0
-        self._handles = [adapter.output_projection(k).register_forward_pre_hook(partial(self._hook, k))
-                         for k in groups]
+        super().__init__({k: adapter.output_projection(k) for k in groups})
 
     def _hook(self, key: GroupKey, module, args):
         x = args[0].float()
@@ -51,17 +50,6 @@ class ActivationStats:
         """(rows seen, columns) sums for the group."""
         store = self.sq if which == "sq" else self.abs
         return torch.cat(store[key]) if store[key] else torch.zeros(0)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
 
 
 def _per_unit(values: torch.Tensor, width: int) -> torch.Tensor:

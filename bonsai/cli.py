@@ -323,6 +323,10 @@ def prune_cmd(
                                                    help="Calibration windows for the refit and the compensation statistics "
                                                         "(default: 16 tokens per input column of the widest output "
                                                         "projection, at least --calib-samples)."),
+    refit_target: str | None = typer.Option(None, "--refit-target",
+                                            help="What lstsq fits each output projection to: own (its output before "
+                                                 "the removal, default) | residual (the residual stream of the model "
+                                                 "before it; every block from the first pruned one is refit)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the run's cost (iterations, sub-models, forward "
                                                           "tokens, time from a timing probe, peak memory) and stop."),
@@ -353,7 +357,8 @@ def prune_cmd(
                      llmp_layer_start=llmp_layer_start, llmp_layer_end=llmp_layer_end,
                      global_ranking=global_ranking or None, besa_granularity=besa_granularity, besa_levels=besa_levels,
                      besa_epochs=besa_epochs, besa_lr=besa_lr, besa_penalty=besa_penalty, besa_wbits=besa_wbits,
-                     reconstruct=reconstruct, reconstruct_damp=reconstruct_damp, reconstruct_samples=reconstruct_samples)
+                     reconstruct=reconstruct, reconstruct_damp=reconstruct_damp, reconstruct_samples=reconstruct_samples,
+                     refit_target=refit_target)
     cfg = build_config(config, overrides)
     if model is None and config is None:
         raise BonsaiError("--model is required (or a --config that names one)")

@@ -37,6 +37,7 @@ from bonsai.errors import BonsaiError
 from bonsai.hooks import PreHooks
 
 RECONSTRUCT_MODES = ("lstsq", "bias", "none")
+REFIT_TARGETS = ("own", "residual")
 DEFAULT_DAMP = 1e-2
 # Tokens the refit sees per input column of the widest output projection, unless --reconstruct-samples says.
 # A Gram matrix estimated from a few tokens per column fits those tokens rather than the text: on SmolLM2 at
@@ -125,12 +126,17 @@ def _damped_cholesky(a: torch.Tensor, weight_dims: int, damp: float, scale: floa
 
 def refit_projection(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, col_sum: torch.Tensor,
                      tokens: int, keep_cols: torch.Tensor, mode: str, damp: float = DEFAULT_DAMP,
-                     warn: Callable[[str], None] | None = None, where: str = "layer") -> Refit:
+                     warn: Callable[[str], None] | None = None, where: str = "layer",
+                     target: TargetStats | None = None) -> Refit:
     """Closed-form refit of a linear y = W x + b restricted to input columns `keep_cols` (see module doc).
 
     All arithmetic happens in the Gram matrix's dtype; the result is cast back to the weight's dtype.
-    With every column kept the weights are returned unchanged.
+    With every column kept the weights are returned unchanged, unless `target` gives another output to fit
+    (`--refit-target residual`, lstsq only): then the fit is to those target outputs t, from the cross term
+    sum_t t x^T and sum_t t, with the same damping towards the current weights.
     """
+    if target is not None:
+        return _refit_to_target(weight, bias, gram, col_sum, tokens, keep_cols, target, damp, warn, where)
     if mode not in RECONSTRUCT_MODES:
         raise BonsaiError(f"unknown reconstruction {mode!r}: choose from {', '.join(RECONSTRUCT_MODES)}")
     dtype, device = gram.dtype, gram.device
@@ -205,6 +211,58 @@ def _relative_errors(W, b, gram, col_sum, tokens, keep_cols, removed, W_S, new_w
 
 
 @dataclass
+class TargetStats:
+    """What a refit towards other outputs t than the layer's own needs: sum_t t x^T, sum_t t, sum_t ||t||^2."""
+
+    cross: torch.Tensor  # (out, in)
+    sum: torch.Tensor  # (out,)
+    power: float
+
+
+def _refit_to_target(weight, bias, gram, col_sum, tokens, keep_cols, target: TargetStats, damp, warn, where) -> Refit:
+    """min ||t - W'_S x_S - b'||^2 + lam ||W'_S - W_S||^2 over the calibration tokens (b' where the layer has a bias)."""
+    if not all(bool(torch.isfinite(v).all()) for v in (gram, col_sum, target.cross, target.sum)):
+        raise BonsaiError(f"{where}: non-finite activation statistics (inf/NaN in the calibration forward pass); "
+                          "nothing was written. Try --dtype float32 or other calibration data")
+    dtype, device = gram.dtype, gram.device
+    keep_cols = keep_cols.to(device=device, dtype=torch.long)
+    W = weight.detach().to(device=device, dtype=dtype)
+    b = None if bias is None else bias.detach().to(device=device, dtype=dtype)
+    W_S = W[:, keep_cols]
+    k = len(keep_cols)
+    scale = damp_scale(gram)
+    has_bias = b is not None or k == 0  # nothing kept: the output is a bias alone
+    A = gram[keep_cols][:, keep_cols]
+    rhs = target.cross[:, keep_cols]
+    if has_bias:
+        s_S = col_sum[keep_cols]
+        A = torch.zeros(k + 1, k + 1, dtype=dtype, device=device)
+        A[:k, :k] = gram[keep_cols][:, keep_cols]
+        A[:k, k] = s_S
+        A[k, :k] = s_S
+        A[k, k] = float(max(tokens, 1))
+        rhs = torch.cat([rhs, target.sum[:, None]], dim=1)
+    factor, used_damp = _damped_cholesky(A, k, damp, scale, warn, where)
+    rhs = rhs.clone()
+    rhs[:, :k] += used_damp * scale * W_S
+    sol = torch.cholesky_solve(rhs.t(), factor).t()
+    new_w, new_b = (sol[:, :k], sol[:, k]) if has_bias else (sol, None)
+
+    def sq_err(w_S: torch.Tensor, c: torch.Tensor | None) -> float:
+        # sum_t ||t - w_S x_S - c||^2 from the statistics
+        val = target.power - 2 * (w_S * rhs_cross).sum() + (w_S @ gram_SS * w_S).sum()
+        if c is not None:
+            val = val - 2 * c @ target.sum + 2 * c @ (w_S @ col_sum[keep_cols]) + tokens * c.pow(2).sum()
+        return float(val)
+
+    rhs_cross, gram_SS = target.cross[:, keep_cols], gram[keep_cols][:, keep_cols]
+    power = max(target.power, 1e-30)
+    err_drop = max(sq_err(W_S, b), 0.0) / power
+    err_fit = max(sq_err(new_w, new_b), 0.0) / power
+    return Refit(new_w.to(weight.dtype), None if new_b is None else new_b.to(weight.dtype), err_drop, err_fit, used_damp)
+
+
+@dataclass
 class RemovalReport:
     """What `remove_units` did, per group that lost units."""
 
@@ -239,12 +297,16 @@ def _apply_refit(adapter: ArchAdapter, key: GroupKey, keep: torch.Tensor, refit:
 def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, torch.Tensor], windows: torch.Tensor | None,
                  mode: str, damp: float = DEFAULT_DAMP, batch_size: int = 1, progress=None,
                  on_warning: Callable[[str], None] | None = None,
-                 on_block: Callable[[int], None] | None = None) -> RemovalReport:
+                 on_block: Callable[[int], None] | None = None, target: str = "own",
+                 kinds: tuple[str, ...] = (ATTENTION, MLP)) -> RemovalReport:
     """Physically remove every unit not in `keep[group]` (indices into the group's current units) and, unless
     `mode` is none, refit the output projections block by block on `windows` (see module doc). `on_block(i)`
-    is called after block i is done."""
+    is called after block i is done. `target` residual (lstsq only) refits every group of `kinds` from the first
+    changed block on towards the residual stream of the model as it was (see `_refit_to_residual`)."""
     from bonsai.baselines.layerwise import block_outputs, block_statistics, capture_block_inputs, states_store
 
+    if target not in REFIT_TARGETS:
+        raise BonsaiError(f"unknown refit target {target!r}: choose from {', '.join(REFIT_TARGETS)}")
     report = RemovalReport()
 
     def warn(message: str) -> None:
@@ -260,6 +322,12 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
         return report
     if windows is None:
         raise ValueError("reconstruction needs calibration windows")
+    if target == "residual" and mode == "lstsq":
+        if adapter.residual_scale(0) is not None:
+            _refit_to_residual(model, adapter, todo, windows, damp, batch_size, progress, warn, on_block, kinds, report)
+            return report
+        warn(f"{type(adapter).__name__}: a norm sits between the output projections and the residual stream, so "
+             "the refit targets the layers' own outputs (--refit-target own)")
     layers = adapter.layers()
     last = max(k.layer for k in todo)
     inputs = capture_block_inputs(model, layers, windows, batch_size, states_store(model, windows.numel()))
@@ -293,3 +361,138 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
     if task is not None:
         progress.remove_task(task)
     return report
+
+
+def _refit_to_residual(model: nn.Module, adapter: ArchAdapter, todo: dict[GroupKey, torch.Tensor], windows: torch.Tensor,
+                       damp: float, batch_size: int, progress, warn: Callable[[str], None],
+                       on_block: Callable[[int], None] | None, kinds: tuple[str, ...], report: RemovalReport) -> None:
+    """Refit towards the residual stream of the model as it was before this removal (`--refit-target residual`).
+
+    The own-output refit makes each layer reproduce what *it* output before, on inputs that have already drifted;
+    the drift of the earlier layers is never undone. Here two streams run side by side, block by block: the
+    reference (each block copied before it is sliced, run on the reference's own hidden states) and the pruned,
+    refit one. A sub-layer adds m * (W x + b) to the residual stream r (m: the family's residual scale); its
+    projection is fit to
+
+        t = y_ref + (r_ref - r) / m,   y_ref = the reference projection's output on the reference's input,
+
+    so that after it the pruned stream's residual equals the reference's as nearly as least squares allows:
+    every group of `kinds` from the first changed block on is refit, pruned or not, on its kept columns, and the
+    drift the refit cannot remove passes on to the next sub-layer's target. r before the attention is the block
+    input; before the MLP it adds m times the attention projection's output (also in a parallel block, whose MLP
+    reads the block input: the two stages then split the block's residual). Memory: one block copy and a second
+    set of hidden states beside the own-output refit's.
+    """
+    import copy
+
+    from bonsai.baselines.layerwise import capture_block_inputs, outputs_of, states_store
+
+    layers = adapter.layers()
+    first = min(k.layer for k in todo)
+    store = states_store(model, windows.numel(), copies=4)
+    inputs = capture_block_inputs(model, layers, windows, batch_size, store)
+    for i in range(first):  # unchanged blocks: both streams are the same
+        inputs.hidden = outputs_of(layers[i], inputs.hidden, inputs.kwargs_for(layers[i]), store)
+    reference = list(inputs.hidden)
+    task = progress.add_task("reconstruction", total=len(layers) - first, info="lstsq, residual target") \
+        if progress is not None else None
+    for i in range(first, len(layers)):
+        block = layers[i]
+        kwargs = inputs.kwargs_for(block)
+        ref = copy.deepcopy(block)  # the block as it was; nothing of block i has changed yet
+        twin = {id(mod): ref.get_submodule(name) for name, mod in block.named_modules()}  # slicing keeps modules
+        m = float(adapter.residual_scale(i))
+        attention_out = adapter.output_projection(GroupKey(i, ATTENTION))
+        for kind in (ATTENTION, MLP):
+            key = GroupKey(i, kind)
+            if kind not in kinds or kind in adapter.unprunable:
+                continue
+            lin = adapter.output_projection(key)
+            prev = attention_out if kind == MLP else None
+            stats = _residual_statistics(block, ref, lin, twin[id(lin)], prev, None if prev is None else twin[id(prev)],
+                                         inputs.hidden, reference, kwargs, m)
+            cols = _kept_columns(adapter, key, todo[key]) if key in todo else torch.arange(lin.in_features)
+            gram, col_sum, tokens, target = stats
+            refit = refit_projection(lin.weight, lin.bias, gram, col_sum, tokens, cols, "lstsq", damp, warn,
+                                     where=f"layer {key}", target=target)
+            units = len(todo[key]) if key in todo else adapter.group_size(key)
+            report.groups[str(key)] = {"units_before": adapter.group_size(key), "units_after": units,
+                                       "error_dropped": refit.error_dropped, "error_refit": refit.error_refit,
+                                       "damp": refit.damp}
+            if key in todo:
+                _apply_refit(adapter, key, todo[key], refit, report)
+            else:
+                _install(adapter, key, refit, report)
+            if kind == ATTENTION:
+                attention_out = adapter.output_projection(key)
+        if i < len(layers) - 1:
+            inputs.hidden = outputs_of(block, inputs.hidden, kwargs, store)
+            reference = outputs_of(ref, reference, kwargs, store)
+        del ref, twin
+        if task is not None:
+            progress.advance(task)
+        if on_block is not None:
+            on_block(i)
+    if task is not None:
+        progress.remove_task(task)
+
+
+def _install(adapter: ArchAdapter, key: GroupKey, refit: Refit, report: RemovalReport) -> None:
+    """Install a refit of a group that keeps all its units."""
+    lin = adapter.output_projection(key)
+    with torch.no_grad():
+        lin.weight.copy_(refit.weight.to(lin.weight.device))
+        if refit.bias is not None:
+            if lin.bias is None:
+                adapter.add_output_bias(key)
+                report.added_biases.append(str(key))
+            lin.bias.copy_(refit.bias.to(lin.bias.device))
+
+
+@torch.no_grad()
+def _residual_statistics(block: nn.Module, ref: nn.Module, lin: nn.Linear, ref_lin: nn.Linear, prev: nn.Linear | None,
+                         ref_prev: nn.Linear | None, hidden: list[torch.Tensor], reference: list[torch.Tensor],
+                         kwargs: list[dict], m: float) -> tuple[torch.Tensor, torch.Tensor, int, TargetStats]:
+    """G, s, n of `lin`'s input in the pruned stream and the target statistics of `_refit_to_residual`, batch by
+    batch: each batch runs the reference block and the pruned block only as far as their projections."""
+    from bonsai.baselines.layerwise import run_until
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(name: str, output: bool):
+        if output:
+            return lambda mod, args, out: seen.__setitem__(name, out.detach())
+        return lambda mod, args: seen.__setitem__(name, args[0].detach())
+
+    handles = [lin.register_forward_pre_hook(grab("x", False)), ref_lin.register_forward_pre_hook(grab("x_ref", False))]
+    if prev is not None:
+        handles += [prev.register_forward_hook(grab("prev", True)), ref_prev.register_forward_hook(grab("prev_ref", True))]
+    gram = col_sum = cross = t_sum = None
+    power, tokens = 0.0, 0
+    try:
+        for h, h_ref, kw in zip(hidden, reference, kwargs, strict=True):
+            seen.clear()
+            run_until(ref, h_ref, kw, ref_lin)
+            run_until(block, h, kw, lin)
+            x = as_rows(seen["x"])
+            dtype = gram_dtype(x.device)
+            x = x.to(dtype)
+            y_ref = nn.functional.linear(seen["x_ref"], ref_lin.weight, ref_lin.bias)
+            t = as_rows(y_ref).to(dtype) + (as_rows(h_ref.to(x.device)).to(dtype) - as_rows(h.to(x.device)).to(dtype)) / m
+            if prev is not None:
+                t += as_rows(seen["prev_ref"]).to(dtype) - as_rows(seen["prev"]).to(dtype)
+            if gram is None:
+                gram = torch.zeros(x.shape[1], x.shape[1], dtype=dtype, device=x.device)
+                col_sum = torch.zeros(x.shape[1], dtype=dtype, device=x.device)
+                cross = torch.zeros(t.shape[1], x.shape[1], dtype=dtype, device=x.device)
+                t_sum = torch.zeros(t.shape[1], dtype=dtype, device=x.device)
+            gram.addmm_(x.t(), x)
+            col_sum += x.sum(0)
+            cross.addmm_(t.t(), x)
+            t_sum += t.sum(0)
+            power += float(t.pow(2).sum())
+            tokens += x.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return gram, col_sum, tokens, TargetStats(cross, t_sum, power)

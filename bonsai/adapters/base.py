@@ -216,6 +216,11 @@ class ArchAdapter(ABC):
     def unit_width(self, key: GroupKey) -> int:
         return self.spec(key).unit_width
 
+    def residual_scale(self, layer: int) -> float | None:
+        """The factor by which an output projection's output enters the residual stream (the residual-target refit
+        fits it); None where a norm sits between them (Gemma-2/3, OLMo-2: post-sub-layer norms)."""
+        return 1.0
+
     def stock_config(self, attention_units: int, mlp_units: int) -> dict:
         """Config fields of the family for a model whose every layer has these sizes: saved this way, it loads
         in stock transformers (and every engine) without bonsai's plan."""

@@ -24,8 +24,14 @@ class Gemma2Adapter(LlamaAdapter):
     model_types = ("gemma2",)
     causal_lm_class = "Gemma2ForCausalLM"
 
+    def residual_scale(self, layer: int) -> float | None:
+        return None  # the norms after attention and MLP act on the projections' outputs
+
 
 @register_adapter
 class Gemma3TextAdapter(LlamaAdapter):
     model_types = ("gemma3_text",)
     causal_lm_class = "Gemma3ForCausalLM"
+
+    def residual_scale(self, layer: int) -> float | None:
+        return None  # the norms after attention and MLP act on the projections' outputs

@@ -14,3 +14,6 @@ from bonsai.adapters.registry import register_adapter
 class GraniteAdapter(LlamaAdapter):
     model_types = ("granite",)
     causal_lm_class = "GraniteForCausalLM"
+
+    def residual_scale(self, layer: int) -> float | None:
+        return float(self.model.config.residual_multiplier)

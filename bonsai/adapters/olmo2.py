@@ -19,3 +19,6 @@ class Olmo2Adapter(LlamaAdapter):
     unprunable = {ATTENTION: "OLMo-2 normalises q and k over all heads together (q_norm/k_norm span the whole "
                              "projection), so removing a head would change the others; prune MLP channels only "
                              "with --units mlp"}
+
+    def residual_scale(self, layer: int) -> float | None:
+        return None  # post_attention_layernorm / post_feedforward_layernorm act on the projections' outputs

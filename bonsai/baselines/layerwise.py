@@ -78,17 +78,18 @@ class BlockInputs:
         raise ValueError("not one of the model's blocks")
 
 
-def states_store(model: nn.Module, tokens: int) -> torch.device | None:
+def states_store(model: nn.Module, tokens: int, copies: int = 2) -> torch.device | None:
     """Where block-by-block passes over `tokens` calibration tokens keep their hidden states. On an accelerator,
     a block's input and output states for the refit's windows can pass a tenth of the model's own memory (LLaMA-2-7B,
     86 windows of 2048: 2 x 1.4 GB beside 13.5 GB), which breaks the inference-level memory bonsai promises; then
     they wait in host memory and each batch goes over for its block (PCIe time, no extra forward). On the CPU, or
-    while they are small, they stay where they are computed."""
+    while they are small, they stay where they are computed. `copies`: state sets alive at once (input and output
+    of a block: 2; the residual-target refit's two streams: 4)."""
     param = next(model.parameters())
     if param.device.type == "cpu":
         return None
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    states_bytes = 2 * tokens * model.config.hidden_size * param.element_size()
+    states_bytes = copies * tokens * model.config.hidden_size * param.element_size()
     return torch.device("cpu") if states_bytes > HOST_STATES_SHARE * model_bytes else None
 
 
@@ -136,11 +137,17 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
 @torch.no_grad()
 def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     """The block's output for every batch; states kept in host memory go over to the block one batch at a time."""
-    if inputs.store_device is None:
-        return [run_block(block, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs_for(block), strict=True)]
+    return outputs_of(block, inputs.hidden, inputs.kwargs_for(block), inputs.store_device)
+
+
+@torch.no_grad()
+def outputs_of(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict],
+               store_device: torch.device | None) -> list[torch.Tensor]:
+    """`block` (any copy of one of the model's blocks) on every batch of `hidden`, with that block's `kwargs`."""
+    if store_device is None:
+        return [run_block(block, h, kw) for h, kw in zip(hidden, kwargs, strict=True)]
     device = next(block.parameters()).device
-    return [run_block(block, h.to(device), kw).to(inputs.store_device)
-            for h, kw in zip(inputs.hidden, inputs.kwargs_for(block), strict=True)]
+    return [run_block(block, h.to(device), kw).to(store_device) for h, kw in zip(hidden, kwargs, strict=True)]
 
 
 @torch.no_grad()
@@ -170,6 +177,23 @@ def block_statistics(block: nn.Module, inputs: BlockInputs, stop_after: Sequence
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def run_until(block: nn.Module, hidden: torch.Tensor, kwargs: dict, stop_at: nn.Module) -> None:
+    """Run `block` on one batch until `stop_at` is entered (hooks on it registered before this call have seen
+    their input); the rest of the block is not computed."""
+
+    def stop(module, args):
+        raise _Stop
+
+    handle = stop_at.register_forward_pre_hook(stop)
+    try:
+        run_block(block, hidden.to(next(block.parameters()).device), kwargs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
 
 
 def block_linears(block: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Linear]:

@@ -229,13 +229,14 @@ class BaselineRun:
                               widest_projection(adapter, adapter.groups(cfg.unit_kinds)), self.seqlen)
             windows = calibration_windows(self.tokenizer, cfg.calib, n, self.seqlen, seed=cfg.seed * 100003 + 50021)
         removal = remove_units(self.model, adapter, keep, windows, cfg.reconstruct, cfg.reconstruct_damp,
-                               cfg.batch_size, progress, on_warning=lambda m: console.print(f"[yellow]{m}"))
+                               cfg.batch_size, progress, on_warning=lambda m: console.print(f"[yellow]{m}"),
+                               target=cfg.refit_target, kinds=cfg.unit_kinds)
         return {
             "attention_units": [adapter.group_size(GroupKey(i, "attention")) for i in range(adapter.num_layers)],
             "mlp_units": [adapter.group_size(GroupKey(i, "mlp")) for i in range(adapter.num_layers)],
             "kept_units": {str(k): v for k, v in keep.items()},
-            "reconstruction": {"mode": cfg.reconstruct, "layers": removal.groups, "added_biases": removal.added_biases,
-                               "warnings": removal.warnings},
+            "reconstruction": {"mode": cfg.reconstruct, "target": cfg.refit_target, "layers": removal.groups,
+                               "added_biases": removal.added_biases, "warnings": removal.warnings},
         }
 
     def _besa(self, windows, progress) -> dict:

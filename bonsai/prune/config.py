@@ -92,6 +92,9 @@ class PruneConfig:
     reconstruct: str | None = None  # lstsq for structured methods, none for unstructured ones (nothing to refit)
     reconstruct_damp: float = 1e-2
     reconstruct_samples: int | None = None  # windows for the refit (default: calib_samples)
+    # what lstsq fits each output projection to: its own output before the removal, or the residual stream of the
+    # model before it (every block from the first pruned one refit, so the drift of earlier layers is undone too)
+    refit_target: str = "own"
     # --- Wanda / BESA (unstructured baselines)
     sparsity_type: str = "unstructured"
     # --- LLM-Pruner
@@ -186,6 +189,10 @@ class PruneConfig:
         if self.reconstruct != "none" and self.method not in STRUCTURED_METHODS:
             raise BonsaiError(f"--reconstruct {self.reconstruct} refits the layers of structured methods; "
                               f"{self.method} keeps every shape (use --reconstruct none)")
+        from bonsai.reconstruct import REFIT_TARGETS
+
+        if self.refit_target not in REFIT_TARGETS:
+            raise BonsaiError(f"unknown --refit-target {self.refit_target!r}: choose from {', '.join(REFIT_TARGETS)}")
         if not 0 <= self.reconstruct_damp < 1e3:
             raise BonsaiError(f"--reconstruct-damp must be >= 0 (got {self.reconstruct_damp})")
         if self.reconstruct_samples is not None and self.reconstruct_samples < 1:

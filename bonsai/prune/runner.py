@@ -640,7 +640,8 @@ class PruneRun:
             if self.dist.is_main:
                 report = remove_units(self.model, self.adapter, keep, self._recon_windows(t), cfg.reconstruct,
                                       cfg.reconstruct_damp, cfg.batch_size, progress,
-                                      on_warning=lambda m: console.print(f"[yellow]{m}"))
+                                      on_warning=lambda m: console.print(f"[yellow]{m}"),
+                                      target=cfg.refit_target, kinds=cfg.unit_kinds)
                 tensors = self._refit_tensors()
             report, tensors = self.dist.broadcast((report, tensors))
             if not self.dist.is_main:
@@ -649,7 +650,8 @@ class PruneRun:
         else:
             report = remove_units(self.model, self.adapter, keep, self._recon_windows(t) if refit else None,
                                   cfg.reconstruct, cfg.reconstruct_damp, cfg.batch_size, progress,
-                                  on_warning=lambda m: console.print(f"[yellow]{m}"), on_block=_abort_hook(t))
+                                  on_warning=lambda m: console.print(f"[yellow]{m}"), on_block=_abort_hook(t),
+                                  target=cfg.refit_target, kinds=cfg.unit_kinds)
         for key, kept in keep.items():
             original = state.kept[str(key)]
             state.kept[str(key)] = [original[u] for u in kept]

@@ -53,6 +53,7 @@ def run_cli(monkeypatch, capsys, *args):
     (["prune", "--model", "tiny", "--utility", "magic", "--out", "x"], "unknown --utility"),
     (["prune", "--model", "tiny", "--method", "no-regression", "--out", "x"], "use it with --selection paper"),
     (["prune", "--model", "tiny", "--reconstruct-samples", "0", "--out", "x"], "--reconstruct-samples"),
+    (["prune", "--model", "tiny", "--refit-target", "parent", "--out", "x"], "unknown --refit-target"),
     (["export", "/no/such", "--out", "x.gguf"], "model path not found"),
     (["export", "tiny", "--format", "onnx", "--out", "x.onnx"], "unknown export format"),
     (["export", "tiny", "--out", "x.gguf", "--dtype", "q4_0"], "unknown --dtype"),

@@ -84,6 +84,24 @@ def copy_of(runs: Path, tmp_path: Path) -> Path:
     return out
 
 
+def test_residual_target_resumes_mid_reconstruction_to_the_same_bytes(runs, tmp_path):
+    """--refit-target residual refits every block from the first pruned one, beside a reference copy: a crash
+    in the middle of that pass resumes to the bytes of an uninterrupted run."""
+    args = PRUNE + ["--refit-target", "residual"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert bonsai(args + ["--out", str(straight)]).returncode == 0
+    first = bonsai(args + ["--out", str(crashed)], env={"BONSAI_ABORT_IN_RECONSTRUCTION": "2:1"})
+    assert first.returncode == 75, first.stderr[-2000:]
+    done = bonsai(args + ["--out", str(crashed)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    same_weights(crashed, straight)
+    report = json.loads((straight / "report.json").read_text())
+    assert report["settings"]["refit_target"] == "residual"
+    own = load_file(str(runs / "straight" / "model.safetensors"))  # the default (own) target: another model
+    assert any(not torch.equal(own[k], v) for k, v in load_file(str(straight / "model.safetensors")).items()
+               if own[k].shape == v.shape)
+
+
 @pytest.mark.parametrize("damage", [truncate, lambda p: p.write_text("{\"fingerprint\": ")])
 def test_damaged_state_is_refused_with_the_way_out(runs, tmp_path, damage):
     out = copy_of(runs, tmp_path)

@@ -220,3 +220,162 @@ def test_default_refit_windows_give_each_column_of_the_widest_projection_its_tok
     assert refit_windows(None, 10_000, widest, 64) == 10_000
     assert refit_windows(7, 10_000, widest, 64) == 7
     assert refit_windows(None, 32, 11008, 2048) == 86  # LLaMA-2-7B's MLP at the paper's window length
+
+
+# ---- --refit-target residual -----------------------------------------------------------------------------------
+
+def _target(X, T):
+    from bonsai.reconstruct import TargetStats
+
+    return TargetStats(T.T @ X, T.sum(0), float(T.pow(2).sum()))
+
+
+def test_target_refit_equals_closed_form_least_squares_and_reports_its_errors():
+    """With other outputs T to fit, [W'_S, b'] is the least-squares fit of T on [x_S, 1] (damp 0), and the errors
+    are ||T - fit||^2 / ||T||^2 with the old weights (dropped) and the new ones (refit)."""
+    X, W, b = _problem(7)
+    T = X @ torch.randn(12, 5, dtype=X.dtype, generator=torch.Generator().manual_seed(8)) + 0.5
+    keep = torch.tensor([0, 1, 4, 5, 8, 10])
+    G, s, n = _stats(X)
+    fit = refit_projection(W, b, G, s, n, keep, "lstsq", damp=0.0, target=_target(X, T))
+    A = torch.cat([X[:, keep], torch.ones(n, 1, dtype=X.dtype)], 1)
+    expect = torch.linalg.lstsq(A, T).solution.T
+    torch.testing.assert_close(fit.weight, expect[:, :-1], atol=1e-9, rtol=0)
+    torch.testing.assert_close(fit.bias, expect[:, -1], atol=1e-9, rtol=0)
+    power = T.pow(2).sum()
+    refit_err = (T - X[:, keep] @ fit.weight.T - fit.bias).pow(2).sum() / power
+    drop_err = (T - X[:, keep] @ W[:, keep].T - b).pow(2).sum() / power
+    assert fit.error_refit == pytest.approx(float(refit_err), rel=1e-7)
+    assert fit.error_dropped == pytest.approx(float(drop_err), rel=1e-7)
+    # without a bias, and damped: ridge towards W_S (augmented least squares)
+    damp = 0.05
+    lam = damp * G.diagonal().mean()
+    fit = refit_projection(W, None, G, s, n, keep, "lstsq", damp=damp, target=_target(X, T))
+    A = torch.cat([X[:, keep], lam.sqrt() * torch.eye(len(keep), dtype=X.dtype)])
+    expect = torch.linalg.lstsq(A, torch.cat([T, lam.sqrt() * W[:, keep].T])).solution.T
+    torch.testing.assert_close(fit.weight, expect, atol=1e-9, rtol=0)
+
+
+def test_target_refit_of_the_layers_own_outputs_with_every_column_returns_the_weights():
+    X, W, b = _problem(9)
+    G, s, n = _stats(X)
+    fit = refit_projection(W, b, G, s, n, torch.arange(12), "lstsq", damp=0.01, target=_target(X, X @ W.T + b))
+    torch.testing.assert_close(fit.weight, W, atol=1e-9, rtol=0)
+    torch.testing.assert_close(fit.bias, b, atol=1e-9, rtol=0)
+    assert fit.error_refit < 1e-20
+
+
+def _residual_refit_by_full_forwards(parent, model, plan, windows, damp):
+    """An independent residual-target refit: each sub-layer's statistics from full-model forwards (hooks) of the
+    untouched parent and of the model whose earlier sub-layers are already pruned and refit."""
+    pa, ad = get_adapter(parent), get_adapter(model)
+    first = min(k.layer for k in plan)
+
+    def grab(m, adapter, i, kind):
+        seen = {}
+        block = adapter.layers()[i]
+        lin = adapter.output_projection(GroupKey(i, kind))
+        att = adapter.output_projection(GroupKey(i, ATTENTION))
+        def block_input(mod, args, kw):
+            seen["h"] = kw.get("hidden_states", args[0] if args else None)
+
+        hs = [block.register_forward_pre_hook(block_input, with_kwargs=True),
+              lin.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0])),
+              att.register_forward_hook(lambda mod, args, out: seen.__setitem__("a", out))]
+        with torch.no_grad():
+            m(windows)
+        for h in hs:
+            h.remove()
+        return {k: v.reshape(-1, v.shape[-1]) for k, v in seen.items()}
+
+    for i in range(first, ad.num_layers):
+        scale = ad.residual_scale(i)
+        for kind in (ATTENTION, MLP):
+            key = GroupKey(i, kind)
+            ref, cur = grab(parent, pa, i, kind), grab(model, ad, i, kind)
+            ref_lin, lin = pa.output_projection(key), ad.output_projection(key)
+            T = torch.nn.functional.linear(ref["x"], ref_lin.weight, ref_lin.bias) + (ref["h"] - cur["h"]) / scale
+            if kind == MLP:
+                T = T + ref["a"] - cur["a"]
+            X = cur["x"]
+            cols = torch.arange(X.shape[1])
+            if key in plan:
+                width = ad.unit_width(key)
+                cols = (plan[key][:, None] * width + torch.arange(width)).reshape(-1)
+            lam = damp * X.pow(2).sum(0).mean()
+            k = len(cols)
+            A = X[:, cols]
+            if lin.bias is not None:
+                A = torch.cat([A, torch.ones(len(X), 1, dtype=X.dtype)], 1)
+            ridge = torch.zeros(k, A.shape[1], dtype=X.dtype)
+            ridge[:, :k] = lam.sqrt() * torch.eye(k, dtype=X.dtype)
+            sol = torch.linalg.lstsq(torch.cat([A, ridge]), torch.cat([T, lam.sqrt() * lin.weight[:, cols].T])).solution.T
+            if key in plan:
+                ad.slice(key, plan[key])
+            with torch.no_grad():
+                ad.output_projection(key).weight.copy_(sol[:, :k])
+                if lin.bias is not None:
+                    ad.output_projection(key).bias.copy_(sol[:, k])
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "phi", "granite"])
+def test_residual_target_equals_an_independent_refit_from_full_forwards(family):
+    """--refit-target residual == the same fit computed from full-model forwards of the parent and of the model
+    being refit, sub-layer by sub-layer (from the first pruned block on, every group refit; Phi's parallel block;
+    Granite's residual multiplier)."""
+    model = tiny_model(family).double()
+    parent, independent = copy.deepcopy(model), copy.deepcopy(model)
+    adapter = get_adapter(model)
+    windows = torch.randint(0, 97, (6, 16), generator=torch.Generator().manual_seed(4))
+    a1, m1, m2 = GroupKey(1, ATTENTION), GroupKey(1, MLP), GroupKey(2, MLP)
+    plan = {a1: torch.arange(1, adapter.group_size(a1)), m1: torch.arange(0, adapter.group_size(m1), 2),
+            m2: torch.arange(1, adapter.group_size(m2), 2)}
+    report = remove_units(model, adapter, plan, windows, "lstsq", damp=0.01, batch_size=4, target="residual")
+    assert set(report.groups) == {str(GroupKey(i, k)) for i in range(1, adapter.num_layers) for k in (ATTENTION, MLP)}
+    _residual_refit_by_full_forwards(parent, independent, plan, windows, 0.01)
+    with torch.no_grad():
+        torch.testing.assert_close(model(windows).logits, independent(windows).logits, atol=1e-9, rtol=0)
+        # layer 0 untouched, and the refit changed the unpruned groups after the first pruned block
+        torch.testing.assert_close(adapter.output_projection(GroupKey(0, MLP)).weight,
+                                   get_adapter(parent).output_projection(GroupKey(0, MLP)).weight, atol=0, rtol=0)
+        assert not torch.allclose(adapter.output_projection(GroupKey(2, ATTENTION)).weight,
+                                  get_adapter(parent).output_projection(GroupKey(2, ATTENTION)).weight)
+
+
+def test_residual_target_lowers_calibration_loss_below_the_own_output_refit(tiny_tokenizer):
+    from bonsai.data import calibration_windows
+    from bonsai.models.loading import load_model
+
+    windows = calibration_windows(tiny_tokenizer, "kjv", 16, 64, seed=2)
+    losses = {}
+    for target in ("own", "residual"):
+        model = load_model("tiny", dtype="float32", device="cpu")
+        adapter = get_adapter(model)
+        keep = {k: torch.arange(adapter.group_size(k) // 3, adapter.group_size(k)) for k in adapter.groups()}
+        remove_units(model, adapter, keep, windows, "lstsq", batch_size=8, target=target)
+        losses[target] = window_nll(model, windows, 8).loss
+    assert losses["residual"] < losses["own"]
+
+
+def test_residual_target_falls_back_to_own_outputs_where_a_norm_follows_the_projection():
+    """Gemma-2's norms after attention and MLP make the residual target non-linear in the weights: the refit says
+    so and is the own-output refit, bit for bit."""
+    results, warnings = [], []
+    for target in ("own", "residual"):
+        model = tiny_model("gemma2").double()
+        adapter = get_adapter(model)
+        windows = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(5))
+        report = remove_units(model, adapter, _keep_plan(adapter), windows, "lstsq", batch_size=4, target=target)
+        warnings.append(report.warnings)
+        with torch.no_grad():
+            results.append(model(windows).logits)
+    assert torch.equal(results[0], results[1])
+    assert warnings[0] == [] and len(warnings[1]) == 1 and "--refit-target own" in warnings[1][0]
+
+
+def test_unknown_refit_target_is_refused():
+    from bonsai.errors import BonsaiError
+
+    model = tiny_model("llama")
+    with pytest.raises(BonsaiError, match="refit target"):
+        remove_units(model, get_adapter(model), {}, None, "lstsq", target="parent")

@@ -324,9 +324,9 @@ def prune_cmd(
                                                         "(default: 16 tokens per input column of the widest output "
                                                         "projection, at least --calib-samples)."),
     refit_target: str | None = typer.Option(None, "--refit-target",
-                                            help="What lstsq fits each output projection to: own (its output before "
-                                                 "the removal, default) | residual (the residual stream of the model "
-                                                 "before it; every block from the first pruned one is refit)."),
+                                            help="What lstsq fits each output projection to: residual (the residual "
+                                                 "stream of the model before the removal, default; every block from "
+                                                 "the first pruned one is refit) | own (its own output before it)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the run's cost (iterations, sub-models, forward "
                                                           "tokens, time from a timing probe, peak memory) and stop."),

@@ -264,7 +264,8 @@ def _refit_to_target(weight, bias, gram, col_sum, tokens, keep_cols, target: Tar
 
 @dataclass
 class RemovalReport:
-    """What `remove_units` did, per group that lost units."""
+    """What `remove_units` did, per group it changed: those that lost units (with `--refit-target residual`,
+    every group from the first pruned block on, which are all refit)."""
 
     groups: dict[str, dict] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -370,9 +371,8 @@ def _refit_to_residual(model: nn.Module, adapter: ArchAdapter, todo: dict[GroupK
 
     The own-output refit makes each layer reproduce what *it* output before, on inputs that have already drifted;
     the drift of the earlier layers is never undone. Here two streams run side by side, block by block: the
-    reference (each block copied before it is sliced, run on the reference's own hidden states) and the pruned,
-    refit one. A sub-layer adds m * (W x + b) to the residual stream r (m: the family's residual scale); its
-    projection is fit to
+    reference (the model as it was, on its own hidden states) and the pruned, refit one. A sub-layer adds
+    m * (W x + b) to the residual stream r (m: the family's residual scale); its projection is fit to
 
         t = y_ref + (r_ref - r) / m,   y_ref = the reference projection's output on the reference's input,
 
@@ -380,16 +380,19 @@ def _refit_to_residual(model: nn.Module, adapter: ArchAdapter, todo: dict[GroupK
     every group of `kinds` from the first changed block on is refit, pruned or not, on its kept columns, and the
     drift the refit cannot remove passes on to the next sub-layer's target. r before the attention is the block
     input; before the MLP it adds m times the attention projection's output (also in a parallel block, whose MLP
-    reads the block input: the two stages then split the block's residual). Memory: one block copy and a second
-    set of hidden states beside the own-output refit's.
-    """
-    import copy
+    reads the block input: the two stages then split the block's residual).
 
+    The reference needs no copy of the model: when block i's turn comes nothing in it has changed yet, so one
+    pass of block i over the reference states records both projections' outputs and the next reference states
+    before anything is refit. Cost per block: that pass, plus the pruned stream's two partial passes (to each
+    projection) and its output. Memory: the reference's states and its two projections' outputs beside the
+    own-output refit's states (in host memory on an accelerator once they are large, as there).
+    """
     from bonsai.baselines.layerwise import capture_block_inputs, outputs_of, states_store
 
     layers = adapter.layers()
     first = min(k.layer for k in todo)
-    store = states_store(model, windows.numel(), copies=4)
+    store = states_store(model, windows.numel(), copies=6)
     inputs = capture_block_inputs(model, layers, windows, batch_size, store)
     for i in range(first):  # unchanged blocks: both streams are the same
         inputs.hidden = outputs_of(layers[i], inputs.hidden, inputs.kwargs_for(layers[i]), store)
@@ -399,20 +402,22 @@ def _refit_to_residual(model: nn.Module, adapter: ArchAdapter, todo: dict[GroupK
     for i in range(first, len(layers)):
         block = layers[i]
         kwargs = inputs.kwargs_for(block)
-        ref = copy.deepcopy(block)  # the block as it was; nothing of block i has changed yet
-        twin = {id(mod): ref.get_submodule(name) for name, mod in block.named_modules()}  # slicing keeps modules
         m = float(adapter.residual_scale(i))
-        attention_out = adapter.output_projection(GroupKey(i, ATTENTION))
+        attention_out = adapter.output_projection(GroupKey(i, ATTENTION))  # slicing keeps the module objects
+        mlp_out = adapter.output_projection(GroupKey(i, MLP))
+        ref_attention, ref_mlp, ref_next = _reference_pass(block, attention_out, mlp_out, reference, kwargs, store)
         for kind in (ATTENTION, MLP):
             key = GroupKey(i, kind)
             if kind not in kinds or kind in adapter.unprunable:
                 continue
-            lin = adapter.output_projection(key)
-            prev = attention_out if kind == MLP else None
-            stats = _residual_statistics(block, ref, lin, twin[id(lin)], prev, None if prev is None else twin[id(prev)],
-                                         inputs.hidden, reference, kwargs, m)
+            lin = attention_out if kind == ATTENTION else mlp_out
+            if kind == ATTENTION:
+                gram, col_sum, tokens, target = _residual_statistics(block, lin, None, inputs.hidden, reference,
+                                                                     ref_attention, None, kwargs, m)
+            else:
+                gram, col_sum, tokens, target = _residual_statistics(block, lin, attention_out, inputs.hidden,
+                                                                     reference, ref_mlp, ref_attention, kwargs, m)
             cols = _kept_columns(adapter, key, todo[key]) if key in todo else torch.arange(lin.in_features)
-            gram, col_sum, tokens, target = stats
             refit = refit_projection(lin.weight, lin.bias, gram, col_sum, tokens, cols, "lstsq", damp, warn,
                                      where=f"layer {key}", target=target)
             units = len(todo[key]) if key in todo else adapter.group_size(key)
@@ -423,18 +428,44 @@ def _refit_to_residual(model: nn.Module, adapter: ArchAdapter, todo: dict[GroupK
                 _apply_refit(adapter, key, todo[key], refit, report)
             else:
                 _install(adapter, key, refit, report)
-            if kind == ATTENTION:
-                attention_out = adapter.output_projection(key)
         if i < len(layers) - 1:
             inputs.hidden = outputs_of(block, inputs.hidden, kwargs, store)
-            reference = outputs_of(ref, reference, kwargs, store)
-        del ref, twin
+        reference = ref_next
+        del ref_attention, ref_mlp
         if task is not None:
             progress.advance(task)
         if on_block is not None:
             on_block(i)
     if task is not None:
         progress.remove_task(task)
+
+
+@torch.no_grad()
+def _reference_pass(block: nn.Module, attention_out: nn.Linear, mlp_out: nn.Linear, hidden: list[torch.Tensor],
+                    kwargs: list[dict], store: torch.device | None) -> tuple[list, list, list]:
+    """`block`, not yet refit, on the reference stream: per batch its attention and MLP output projections'
+    outputs and the block's output (the next block's reference input)."""
+    from bonsai.baselines.layerwise import run_block
+
+    seen: dict[str, torch.Tensor] = {}
+    handles = [attention_out.register_forward_hook(lambda mod, args, out: seen.__setitem__("attention", out)),
+               mlp_out.register_forward_hook(lambda mod, args, out: seen.__setitem__("mlp", out))]
+    device = next(block.parameters()).device
+    attention, mlp, out = [], [], []
+
+    def kept(t: torch.Tensor) -> torch.Tensor:
+        return t if store is None else t.to(store)
+
+    try:
+        for h, kw in zip(hidden, kwargs, strict=True):
+            seen.clear()
+            out.append(kept(run_block(block, h if store is None else h.to(device), kw)))
+            attention.append(kept(seen["attention"]))
+            mlp.append(kept(seen["mlp"]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return attention, mlp, out
 
 
 def _install(adapter: ArchAdapter, key: GroupKey, refit: Refit, report: RemovalReport) -> None:
@@ -450,37 +481,30 @@ def _install(adapter: ArchAdapter, key: GroupKey, refit: Refit, report: RemovalR
 
 
 @torch.no_grad()
-def _residual_statistics(block: nn.Module, ref: nn.Module, lin: nn.Linear, ref_lin: nn.Linear, prev: nn.Linear | None,
-                         ref_prev: nn.Linear | None, hidden: list[torch.Tensor], reference: list[torch.Tensor],
+def _residual_statistics(block: nn.Module, lin: nn.Linear, prev: nn.Linear | None, hidden: list[torch.Tensor],
+                         reference: list[torch.Tensor], ref_out: list[torch.Tensor], ref_prev: list[torch.Tensor] | None,
                          kwargs: list[dict], m: float) -> tuple[torch.Tensor, torch.Tensor, int, TargetStats]:
     """G, s, n of `lin`'s input in the pruned stream and the target statistics of `_refit_to_residual`, batch by
-    batch: each batch runs the reference block and the pruned block only as far as their projections."""
+    batch: the pruned block runs only as far as `lin`; `ref_out` (and `ref_prev`, the reference attention output
+    that `prev`'s output is compared with before the MLP) come from `_reference_pass`."""
     from bonsai.baselines.layerwise import run_until
 
     seen: dict[str, torch.Tensor] = {}
-
-    def grab(name: str, output: bool):
-        if output:
-            return lambda mod, args, out: seen.__setitem__(name, out.detach())
-        return lambda mod, args: seen.__setitem__(name, args[0].detach())
-
-    handles = [lin.register_forward_pre_hook(grab("x", False)), ref_lin.register_forward_pre_hook(grab("x_ref", False))]
+    handles = [lin.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0].detach()))]
     if prev is not None:
-        handles += [prev.register_forward_hook(grab("prev", True)), ref_prev.register_forward_hook(grab("prev_ref", True))]
+        handles.append(prev.register_forward_hook(lambda mod, args, out: seen.__setitem__("prev", out.detach())))
     gram = col_sum = cross = t_sum = None
     power, tokens = 0.0, 0
     try:
-        for h, h_ref, kw in zip(hidden, reference, kwargs, strict=True):
+        for b, (h, h_ref, kw) in enumerate(zip(hidden, reference, kwargs, strict=True)):
             seen.clear()
-            run_until(ref, h_ref, kw, ref_lin)
             run_until(block, h, kw, lin)
             x = as_rows(seen["x"])
             dtype = gram_dtype(x.device)
             x = x.to(dtype)
-            y_ref = nn.functional.linear(seen["x_ref"], ref_lin.weight, ref_lin.bias)
-            t = as_rows(y_ref).to(dtype) + (as_rows(h_ref.to(x.device)).to(dtype) - as_rows(h.to(x.device)).to(dtype)) / m
+            t = _rows_like(ref_out[b], x) + (_rows_like(h_ref, x) - _rows_like(h, x)) / m
             if prev is not None:
-                t += as_rows(seen["prev_ref"]).to(dtype) - as_rows(seen["prev"]).to(dtype)
+                t += _rows_like(ref_prev[b], x) - _rows_like(seen["prev"], x)
             if gram is None:
                 gram = torch.zeros(x.shape[1], x.shape[1], dtype=dtype, device=x.device)
                 col_sum = torch.zeros(x.shape[1], dtype=dtype, device=x.device)
@@ -496,3 +520,8 @@ def _residual_statistics(block: nn.Module, ref: nn.Module, lin: nn.Linear, ref_l
         for handle in handles:
             handle.remove()
     return gram, col_sum, tokens, TargetStats(cross, t_sum, power)
+
+
+def _rows_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`t` as rows of tokens on `like`'s device and in its dtype."""
+    return as_rows(t.to(like.device)).to(like.dtype)

@@ -10,6 +10,10 @@ hooks included, as the refit runs them) and prints the refit's forward time befo
 
   python scripts/bench_refit.py --shape smollm2-135m --windows 64 --seqlen 128 --batch-size 8
   python scripts/bench_refit.py --shape llama-2-7b --device cuda --dtype bfloat16 --windows 8 --seqlen 2048 --batch-size 1
+
+`--compare-targets` times instead the whole refit (`remove_units`, every group losing a third of its units) with
+each `--refit-target`, own and residual, on copies of the same model and windows, and prints their ratio.
+  python scripts/bench_refit.py --shape smollm2-135m --windows 64 --seqlen 128 --compare-targets
 """
 
 from __future__ import annotations
@@ -50,8 +54,12 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--blocks", type=int, default=4, help="blocks timed (the first ones; each is alike)")
+    p.add_argument("--compare-targets", action="store_true", help="time the whole refit, own against residual target")
     p.add_argument("--json")
     args = p.parse_args()
+    if args.compare_targets:
+        compare_targets(args)
+        return
 
     from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
     from bonsai.baselines.layerwise import block_outputs, block_statistics, capture_block_inputs, states_store
@@ -88,6 +96,34 @@ def main() -> None:
           f"{before:.2f} s before, {after:.2f} s after = {after / before:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(args=vars(args), blocks=rows, ratio=after / before), indent=1))
+
+
+def compare_targets(args) -> None:
+    """The whole refit of one removal with each target, on copies of one model, side by side."""
+    import copy
+
+    from bonsai.adapters import get_adapter
+    from bonsai.reconstruct import REFIT_TARGETS, remove_units
+    from bonsai.runtime import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device, torch.bfloat16)
+    parent = build(argparse.Namespace(shape=None if args.model else args.shape, model=args.model), device, dtype)
+    windows = torch.randint(0, parent.config.vocab_size, (args.windows, args.seqlen),
+                            generator=torch.Generator().manual_seed(0))
+    seconds = {}
+    for target in REFIT_TARGETS:
+        model = copy.deepcopy(parent)
+        adapter = get_adapter(model)
+        keep = {k: torch.arange(adapter.group_size(k) // 3, adapter.group_size(k)) for k in adapter.groups()}
+        seconds[target] = timed(device, remove_units, model, adapter, keep, windows, "lstsq", 0.01, args.batch_size,
+                                None, None, None, target)[0]
+        print(f"refit, {target} target: {seconds[target]:.2f} s")
+        del model
+    ratio = seconds["residual"] / seconds["own"]
+    print(f"whole refit ({args.windows} x {args.seqlen} tokens, {device}, {dtype}): residual / own = {ratio:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(args=vars(args), seconds=seconds, ratio=ratio), indent=1))
 
 
 if __name__ == "__main__":

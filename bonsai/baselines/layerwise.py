@@ -84,7 +84,7 @@ def states_store(model: nn.Module, tokens: int, copies: int = 2) -> torch.device
     86 windows of 2048: 2 x 1.4 GB beside 13.5 GB), which breaks the inference-level memory bonsai promises; then
     they wait in host memory and each batch goes over for its block (PCIe time, no extra forward). On the CPU, or
     while they are small, they stay where they are computed. `copies`: state sets alive at once (input and output
-    of a block: 2; the residual-target refit's two streams: 4)."""
+    of a block: 2; the residual-target refit: 6, see `reconstruct._refit_to_residual`)."""
     param = next(model.parameters())
     if param.device.type == "cpu":
         return None

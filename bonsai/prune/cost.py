@@ -7,8 +7,8 @@ Per iteration a run spends, in forward-pass tokens (C: calibration tokens, R: re
                                    a probe of layer i runs blocks i.. and the head only (`prune.prefix`): on
                                    average (L+1)/2L of the blocks, plus one pass to advance the kept states
   refit, block by block            3 x R   (2 x R for a parallel block; 0 with --reconstruct none)
-                                   5 x R with --refit-target residual: the reference block runs beside the
-                                   pruned one, both as far as each output projection, then both whole
+                                   4 x R with --refit-target residual: one pass of each block over the
+                                   reference stream (before its refit) beside the pruned stream's three
 A forward costs in proportion to the parameters left, which shrink by p_iter each iteration. The seconds per
 token come from timing one batch on the actual device and dtype; the Gram solves (milliseconds to a second
 per layer) and the regression (paper selection) are left out.
@@ -88,7 +88,7 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
     n_sub = sub_models_per_iteration(cfg, len(groups))
     gram = cfg.selection == "probe" or cfg.prior == "obs" or (cfg.compensate and n_sub)
     residual = cfg.refit_target == "residual" and cfg.reconstruct == "lstsq" and adapter.residual_scale(0) is not None
-    refit = 0 if cfg.reconstruct == "none" else 5 if residual else (2 if parallel_block else 3)
+    refit = 0 if cfg.reconstruct == "none" else (2 if parallel_block else 3) + (1 if residual else 0)
     probe_share, advance = 1.0, 0
     if cfg.selection == "probe" and n_sub:  # each probe starts at its own block
         layers, head = adapter.num_layers, vocab * model.config.hidden_size
@@ -104,11 +104,10 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
     hidden = model.config.hidden_size
     # a block's input and output states over the refit windows; in host memory when large on an accelerator,
     # with one batch in and out on the device
-    copies = 4 if residual else 2  # the residual target keeps the reference stream's states too
+    # the residual target keeps the reference stream's states, its next states and its two projections' outputs
+    copies = 6 if residual else 2
     on_device = R if states_store(model, R, copies) is None else cfg.batch_size * seqlen
     states = copies * on_device * hidden * dtype_bytes if (gram or refit) else 0
-    if residual:  # the reference copy of one block
-        states += adapter.block_parameters() // adapter.num_layers * dtype_bytes
     states += advance * hidden * dtype_bytes  # the probes' kept states
     comp = 0
     if cfg.compensate and n_sub:  # the candidates' columns of each H^-1 (host memory) and the probes' corrections

@@ -412,12 +412,15 @@ def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, monkeypatch, capsy
     assert "cost of pruning tiny" in printed and not out.exists()
 
 
-def test_cost_model_counts_the_forward_tokens():
+@pytest.mark.parametrize("target,refit_passes", [("own", 3), ("residual", 4)])
+def test_cost_model_counts_the_forward_tokens(target, refit_passes):
+    """The refit runs each block to its two output projections and whole (3 x R); the residual target adds one
+    pass over the reference stream (4 x R)."""
     from bonsai.adapters import get_adapter
     from bonsai.prune.cost import estimate
 
     cfg = PruneConfig(model="tiny", sparsity=0.3, p_iter=0.1, calib_samples=8, reconstruct_samples=16, seqlen=64,
-                      batch_size=4).validate()
+                      batch_size=4, refit_target=target).validate()
     model = load_model("tiny", device="cpu", dtype="float32")
     adapter = get_adapter(model)
     cost = estimate(cfg, model, adapter, adapter.groups(), 64, 3, False)
@@ -426,7 +429,7 @@ def test_cost_model_counts_the_forward_tokens():
     L, head = 6, model.config.vocab_size * model.config.hidden_size
     blocks = sum(p.numel() for p in model.model.layers.parameters())
     share = (head + blocks * sum((L - i) / L for i in range(L)) / L) / (head + blocks)
-    expect = sum((1 - 0.3 * t / 3) * (C + R + n * C * share + C + 3 * R) for t in range(3))
+    expect = sum((1 - 0.3 * t / 3) * (C + R + n * C * share + C + refit_passes * R) for t in range(3))
     assert cost.sub_models_per_iteration == 12 and cost.forward_tokens == pytest.approx(expect)
     assert cost.seconds == pytest.approx(cost.forward_tokens * cost.seconds_per_token)
     paper = PruneConfig(model="tiny", sparsity=0.3, p_iter=0.1, calib_samples=8, seqlen=64, samples=20, selection="paper",
@@ -538,6 +541,24 @@ def test_sequential_obs_is_the_default_of_the_probe_selection_under_the_lstsq_re
     with pytest.raises(BonsaiError, match="sequential_obs"):
         prune(tmp_path / "o", **kw)
     prune(tmp_path / "o", sequential_obs=False, **kw)  # what that run did: it resumes (here: nothing left to do)
+
+
+def test_a_run_checkpointed_before_the_residual_target_resumes_only_as_own(tmp_path):
+    """The refit target became `residual` after runs were checkpointed with the own-output refit: such a state (no
+    refit_target in its fingerprint) is refused with the setting named, and resumes with --refit-target own."""
+    from bonsai.errors import BonsaiError
+
+    assert PruneConfig(model="tiny").validate().refit_target == "residual"
+    kw = dict(model="tiny", sparsity=0.1, p_iter=0.1, seqlen=32, calib_samples=2, reconstruct_samples=4)
+    prune(tmp_path / "o", refit_target="own", **kw)
+    path = tmp_path / "o" / ".bonsai" / "state.json"
+    state = json.loads(path.read_text())
+    assert state["fingerprint"]["refit_target"] == "own"
+    del state["fingerprint"]["refit_target"]
+    path.write_text(json.dumps(state))
+    with pytest.raises(BonsaiError, match="refit_target"):
+        prune(tmp_path / "o", **kw)
+    prune(tmp_path / "o", refit_target="own", **kw)  # what that run did: it resumes (here: nothing left to do)
 
 
 def test_adaptive_needs_the_paper_selection():

@@ -282,16 +282,8 @@ def _apply_refit(adapter: ArchAdapter, key: GroupKey, keep: torch.Tensor, refit:
                  report: RemovalReport) -> None:
     """Slice the group to `keep`, then install the refit output weights (and bias, created if needed)."""
     adapter.slice(key, keep)
-    if refit is None:
-        return
-    lin = adapter.output_projection(key)
-    with torch.no_grad():
-        lin.weight.copy_(refit.weight.to(lin.weight.device))
-        if refit.bias is not None:
-            if lin.bias is None:
-                adapter.add_output_bias(key)
-                report.added_biases.append(str(key))
-            lin.bias.copy_(refit.bias.to(lin.bias.device))
+    if refit is not None:
+        _install(adapter, key, refit, report)
 
 
 @torch.no_grad()
@@ -469,7 +461,7 @@ def _reference_pass(block: nn.Module, attention_out: nn.Linear, mlp_out: nn.Line
 
 
 def _install(adapter: ArchAdapter, key: GroupKey, refit: Refit, report: RemovalReport) -> None:
-    """Install a refit of a group that keeps all its units."""
+    """Install refit output weights (and bias, created if the layer has none) into the group's projection."""
     lin = adapter.output_projection(key)
     with torch.no_grad():
         lin.weight.copy_(refit.weight.to(lin.weight.device))

@@ -161,22 +161,11 @@ def refit_projection(weight: torch.Tensor, bias: torch.Tensor | None, gram: torc
     elif mode == "lstsq" and len(keep_cols) > 0:
         # normal equations of min ||W X + b - W'_S X_S - b'||^2 + lam ||W'_S - W_S||^2, with [x_S; 1] when there is a bias
         k = len(keep_cols)
-        scale = damp_scale(gram)
-        G_SS = gram[keep_cols][:, keep_cols]
         rhs = W @ gram[:, keep_cols]  # W G[:, S]
-        A = G_SS
         if b is not None:
             s_S = col_sum[keep_cols]
-            A = torch.zeros(k + 1, k + 1, dtype=dtype, device=device)
-            A[:k, :k] = G_SS
-            A[:k, k] = s_S
-            A[k, :k] = s_S
-            A[k, k] = float(tokens)
             rhs = torch.cat([rhs + b[:, None] * s_S[None, :], (W @ col_sum + b * tokens)[:, None]], dim=1)
-        factor, used_damp = _damped_cholesky(A, k, damp, scale, warn, where)
-        rhs = rhs.clone()
-        rhs[:, :k] += used_damp * scale * W_S  # the damping pulls towards the current weights
-        sol = torch.cholesky_solve(rhs.t(), factor).t()
+        sol, used_damp = _damped_solve(gram, col_sum, tokens, keep_cols, b is not None, rhs, W_S, damp, warn, where)
         new_w, new_b = (sol, b) if b is None else (sol[:, :k], sol[:, k])
     else:  # none, or lstsq with nothing kept: the output is the (refit) bias alone
         new_w = W_S
@@ -219,6 +208,26 @@ class TargetStats:
     power: float
 
 
+def _damped_solve(gram: torch.Tensor, col_sum: torch.Tensor, tokens: int, keep_cols: torch.Tensor, intercept: bool,
+                  rhs: torch.Tensor, W_S: torch.Tensor, damp: float, warn, where: str) -> tuple[torch.Tensor, float]:
+    """Solve the normal equations [W'_S, b'] A = rhs + lam [W_S, 0], A = G[S,S] bordered by [s_S; n] when the fit
+    has an intercept, with the damping lam pulling towards the current weights (raised if A is ill-conditioned)."""
+    k = len(keep_cols)
+    A = gram[keep_cols][:, keep_cols]
+    if intercept:
+        s_S = col_sum[keep_cols]
+        A = torch.zeros(k + 1, k + 1, dtype=gram.dtype, device=gram.device)
+        A[:k, :k] = gram[keep_cols][:, keep_cols]
+        A[:k, k] = s_S
+        A[k, :k] = s_S
+        A[k, k] = float(tokens)
+    scale = damp_scale(gram)
+    factor, used_damp = _damped_cholesky(A, k, damp, scale, warn, where)
+    rhs = rhs.clone()
+    rhs[:, :k] += used_damp * scale * W_S  # the damping pulls towards the current weights
+    return torch.cholesky_solve(rhs.t(), factor).t(), used_damp
+
+
 def _refit_to_target(weight, bias, gram, col_sum, tokens, keep_cols, target: TargetStats, damp, warn, where) -> Refit:
     """min ||t - W'_S x_S - b'||^2 + lam ||W'_S - W_S||^2 over the calibration tokens (b' where the layer has a bias)."""
     if not all(bool(torch.isfinite(v).all()) for v in (gram, col_sum, target.cross, target.sum)):
@@ -230,22 +239,11 @@ def _refit_to_target(weight, bias, gram, col_sum, tokens, keep_cols, target: Tar
     b = None if bias is None else bias.detach().to(device=device, dtype=dtype)
     W_S = W[:, keep_cols]
     k = len(keep_cols)
-    scale = damp_scale(gram)
     has_bias = b is not None or k == 0  # nothing kept: the output is a bias alone
-    A = gram[keep_cols][:, keep_cols]
     rhs = target.cross[:, keep_cols]
     if has_bias:
-        s_S = col_sum[keep_cols]
-        A = torch.zeros(k + 1, k + 1, dtype=dtype, device=device)
-        A[:k, :k] = gram[keep_cols][:, keep_cols]
-        A[:k, k] = s_S
-        A[k, :k] = s_S
-        A[k, k] = float(max(tokens, 1))
         rhs = torch.cat([rhs, target.sum[:, None]], dim=1)
-    factor, used_damp = _damped_cholesky(A, k, damp, scale, warn, where)
-    rhs = rhs.clone()
-    rhs[:, :k] += used_damp * scale * W_S
-    sol = torch.cholesky_solve(rhs.t(), factor).t()
+    sol, used_damp = _damped_solve(gram, col_sum, max(tokens, 1), keep_cols, has_bias, rhs, W_S, damp, warn, where)
     new_w, new_b = (sol[:, :k], sol[:, k]) if has_bias else (sol, None)
 
     def sq_err(w_S: torch.Tensor, c: torch.Tensor | None) -> float:
@@ -402,13 +400,10 @@ def _refit_to_residual(model: nn.Module, adapter: ArchAdapter, todo: dict[GroupK
             key = GroupKey(i, kind)
             if kind not in kinds or kind in adapter.unprunable:
                 continue
-            lin = attention_out if kind == ATTENTION else mlp_out
-            if kind == ATTENTION:
-                gram, col_sum, tokens, target = _residual_statistics(block, lin, None, inputs.hidden, reference,
-                                                                     ref_attention, None, kwargs, m)
-            else:
-                gram, col_sum, tokens, target = _residual_statistics(block, lin, attention_out, inputs.hidden,
-                                                                     reference, ref_mlp, ref_attention, kwargs, m)
+            lin, prev, ref_out, ref_prev = ((attention_out, None, ref_attention, None) if kind == ATTENTION
+                                            else (mlp_out, attention_out, ref_mlp, ref_attention))
+            gram, col_sum, tokens, target = _residual_statistics(block, lin, prev, inputs.hidden, reference, ref_out,
+                                                                 ref_prev, kwargs, m)
             cols = _kept_columns(adapter, key, todo[key]) if key in todo else torch.arange(lin.in_features)
             refit = refit_projection(lin.weight, lin.bias, gram, col_sum, tokens, cols, "lstsq", damp, warn,
                                      where=f"layer {key}", target=target)
@@ -437,23 +432,16 @@ def _reference_pass(block: nn.Module, attention_out: nn.Linear, mlp_out: nn.Line
                     kwargs: list[dict], store: torch.device | None) -> tuple[list, list, list]:
     """`block`, not yet refit, on the reference stream: per batch its attention and MLP output projections'
     outputs and the block's output (the next block's reference input)."""
-    from bonsai.baselines.layerwise import run_block
+    from bonsai.baselines.layerwise import outputs_of
 
-    seen: dict[str, torch.Tensor] = {}
-    handles = [attention_out.register_forward_hook(lambda mod, args, out: seen.__setitem__("attention", out)),
-               mlp_out.register_forward_hook(lambda mod, args, out: seen.__setitem__("mlp", out))]
-    device = next(block.parameters()).device
-    attention, mlp, out = [], [], []
+    attention, mlp = [], []
 
-    def kept(t: torch.Tensor) -> torch.Tensor:
-        return t if store is None else t.to(store)
+    def keep(into: list):
+        return lambda mod, args, out: into.append(out if store is None else out.to(store))
 
+    handles = [attention_out.register_forward_hook(keep(attention)), mlp_out.register_forward_hook(keep(mlp))]
     try:
-        for h, kw in zip(hidden, kwargs, strict=True):
-            seen.clear()
-            out.append(kept(run_block(block, h if store is None else h.to(device), kw)))
-            attention.append(kept(seen["attention"]))
-            mlp.append(kept(seen["mlp"]))
+        out = outputs_of(block, hidden, kwargs, store)
     finally:
         for handle in handles:
             handle.remove()

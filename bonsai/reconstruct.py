@@ -269,6 +269,11 @@ class RemovalReport:
     warnings: list[str] = field(default_factory=list)
     added_biases: list[str] = field(default_factory=list)
 
+    def record(self, key: GroupKey, units_before: int, units_after: int, refit: Refit) -> None:
+        self.groups[str(key)] = {"units_before": units_before, "units_after": units_after,
+                                 "error_dropped": refit.error_dropped, "error_refit": refit.error_refit,
+                                 "damp": refit.damp}
+
 
 def _kept_columns(adapter: ArchAdapter, key: GroupKey, keep: torch.Tensor) -> torch.Tensor:
     width = adapter.unit_width(key)
@@ -338,9 +343,7 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
                 cols = _kept_columns(adapter, key, todo[key])
                 refit = refit_projection(lin.weight, lin.bias, stats.gram[key], stats.sum[key], stats.tokens[key],
                                          cols, mode, damp, warn, where=f"layer {key}")
-                report.groups[str(key)] = {"units_before": adapter.group_size(key), "units_after": len(todo[key]),
-                                           "error_dropped": refit.error_dropped, "error_refit": refit.error_refit,
-                                           "damp": refit.damp}
+                report.record(key, adapter.group_size(key), len(todo[key]), refit)
                 _apply_refit(adapter, key, todo[key], refit, report)
             del stats
         if i < last:
@@ -407,10 +410,7 @@ def _refit_to_residual(model: nn.Module, adapter: ArchAdapter, todo: dict[GroupK
             cols = _kept_columns(adapter, key, todo[key]) if key in todo else torch.arange(lin.in_features)
             refit = refit_projection(lin.weight, lin.bias, gram, col_sum, tokens, cols, "lstsq", damp, warn,
                                      where=f"layer {key}", target=target)
-            units = len(todo[key]) if key in todo else adapter.group_size(key)
-            report.groups[str(key)] = {"units_before": adapter.group_size(key), "units_after": units,
-                                       "error_dropped": refit.error_dropped, "error_refit": refit.error_refit,
-                                       "damp": refit.damp}
+            report.record(key, adapter.group_size(key), len(todo[key]) if key in todo else adapter.group_size(key), refit)
             if key in todo:
                 _apply_refit(adapter, key, todo[key], refit, report)
             else:

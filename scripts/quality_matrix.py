@@ -91,9 +91,10 @@ def run_cell(model: str, variant: str, reconstruct: str, sparsity: float, seed: 
     if folder.exists() and not (folder / "report.json").exists() and not (folder / ".bonsai" / "state.json").exists():
         shutil.rmtree(folder)
     start = time.time()
-    done = subprocess.run(prune, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(prune)}\n{done.stderr[-2000:]}")
+    if not (folder / "report.json").exists():  # a finished prune whose evaluation was cut off is kept as it is
+        done = subprocess.run(prune, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(prune)}\n{done.stderr[-2000:]}")
     report = json.loads((folder / "report.json").read_text())
     seconds = report["totals"].get("wall_seconds") or (time.time() - start)
     text, task = spec.get("text", "austen"), spec.get("task", TASK)

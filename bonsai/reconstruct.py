@@ -216,11 +216,8 @@ def _damped_solve(gram: torch.Tensor, col_sum: torch.Tensor, tokens: int, keep_c
     A = gram[keep_cols][:, keep_cols]
     if intercept:
         s_S = col_sum[keep_cols]
-        A = torch.zeros(k + 1, k + 1, dtype=gram.dtype, device=gram.device)
-        A[:k, :k] = gram[keep_cols][:, keep_cols]
-        A[:k, k] = s_S
-        A[k, :k] = s_S
-        A[k, k] = float(tokens)
+        A = torch.cat([torch.cat([A, s_S[:, None]], 1),
+                       torch.cat([s_S, torch.tensor([float(tokens)], dtype=gram.dtype, device=gram.device)])[None]])
     scale = damp_scale(gram)
     factor, used_damp = _damped_cholesky(A, k, damp, scale, warn, where)
     rhs = rhs.clone()

@@ -11,6 +11,7 @@ configure_threads()  # before torch is imported anywhere
 
 import typer
 
+from bonsai.data.windows import BOS_HELP
 from bonsai.errors import BonsaiError
 
 app = typer.Typer(
@@ -59,6 +60,7 @@ def eval_cmd(
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Windows (or task requests) per forward pass."),
     split: str = typer.Option("test", help="Split of a hub dataset: test, validation or train."),
     max_windows: int | None = typer.Option(None, min=1, help="Evaluate only the first N windows."),
+    bos: str = typer.Option("auto", help=BOS_HELP),
     dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16 (auto: float32 on CPU, checkpoint dtype on GPU)."),
     device: str = typer.Option("auto", help="auto|cpu|cuda|cuda:N"),
     json_path: Path | None = typer.Option(None, "--json", help="Write the results as JSON to this file."),
@@ -69,6 +71,10 @@ def eval_cmd(
     from bonsai.data.sources import ALIASES, DATASETS, is_local_file
     from bonsai.eval.runner import run_perplexity
 
+    from bonsai.data.windows import BOS_MODES
+
+    if bos not in BOS_MODES:
+        raise BonsaiError(f"unknown --bos {bos!r}: choose from {', '.join(BOS_MODES)}")
     items = [t.strip() for t in (target or "").split(",") if t.strip()]
     if not items and suite is None:
         raise BonsaiError("name what to evaluate: a dataset (kjv, wikitext2, ...), task names, or --suite paper|openllm")
@@ -101,7 +107,7 @@ def eval_cmd(
         results = {"model": model, "perplexity": {}, "tasks": {}}
         for t in ppl_targets:
             length = seqlen or min(2048, gguf_context_length(model))
-            result = gguf_perplexity(t, model, seqlen=length, split=split, max_windows=max_windows)
+            result = gguf_perplexity(t, model, seqlen=length, split=split, max_windows=max_windows, bos=bos)
             _print_ppl(result)
             results["perplexity"][result["dataset"]] = result
         if json_path is not None:
@@ -116,13 +122,18 @@ def eval_cmd(
     results: dict = {"model": model, "perplexity": {}, "tasks": {}}
     for t in ppl_targets:
         result = run_perplexity(t, model, seqlen=seqlen, batch_size=batch_size, split=split, max_windows=max_windows,
-                                model=loaded, tokenizer=tokenizer)
+                                model=loaded, tokenizer=tokenizer, bos=bos)
         _print_ppl(result)
         results["perplexity"][result["dataset"]] = result
     if tasks:
         from bonsai.eval.tasks import run_tasks
 
-        results["tasks"] = run_tasks(loaded, tokenizer, tasks, manager, batch_size=batch_size, limit=limit)
+        from bonsai.data.windows import resolve_bos
+
+        add_bos = {"always": True, "never": False}.get(bos, True if resolve_bos(tokenizer, bos) is not None else None)
+        results["tasks"] = run_tasks(loaded, tokenizer, tasks, manager, batch_size=batch_size, limit=limit,
+                                     add_bos=add_bos)
+        results["bos"] = bos
         results["limit"] = limit
         _print_tasks(results["tasks"], model)
     if json_path is not None:
@@ -266,6 +277,7 @@ def prune_cmd(
     calib: str | None = typer.Option(None, help="Calibration data: wikitext2, c4, kjv, austen or a local file."),
     calib_samples: int | None = typer.Option(None, "--calib-samples", help="Calibration windows (default 32)."),
     seqlen: int | None = typer.Option(None, help="Calibration window length (default 2048 capped at max positions)."),
+    bos: str | None = typer.Option(None, help=BOS_HELP),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Rows per forward pass (rows may mix sub-models)."),
     regression: str | None = typer.Option(None, help="lasso (L1, default) | ridge (L2)."),
     selection: str | None = typer.Option(None, help="probe (default): one sub-model per layer group, its measured "
@@ -346,7 +358,7 @@ def prune_cmd(
     overrides = dict(model=model, sparsity=sparsity, method=method, prior=prior, p_iter=p_iter, samples=samples,
                      probe_depths=probe_depths, candidate_multiple=candidate_multiple, adaptive=adaptive,
                      adaptive_round=adaptive_round, adaptive_tol=adaptive_tol,
-                     calib=calib, calib_samples=calib_samples, seqlen=seqlen, batch_size=batch_size,
+                     calib=calib, calib_samples=calib_samples, seqlen=seqlen, bos=bos, batch_size=batch_size,
                      regression=regression, selection=selection, compensate=compensate, sequential_obs=sequential_obs,
                      per_parameter=per_parameter,
                      utility=utility, width_multiple=width_multiple, head_multiple=head_multiple,
@@ -439,6 +451,7 @@ def finetune_cmd(
     kl_direction: str | None = typer.Option(None, "--kl-direction", help="forward: KL(parent||student) (default); reverse."),
     top_k: int | None = typer.Option(None, "--top-k", help="Teacher log-probabilities cached per token (default 64)."),
     seqlen: int | None = typer.Option(None, help="Training window length (default 512)."),
+    bos: str | None = typer.Option(None, help=BOS_HELP),
     samples: int | None = typer.Option(None, help="Training windows (default: all of the train split; c4: 30000)."),
     epochs: int | None = typer.Option(None, help="Passes over the training windows (default 1)."),
     steps: int | None = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
@@ -465,7 +478,7 @@ def finetune_cmd(
 
     overrides = dict(model=model, teacher=teacher, data=data, lora_rank=lora_rank, lora_alpha=lora_alpha,
                      lora_dropout=lora_dropout, lr=lr, warmup_steps=warmup_steps, distill_weight=distill_weight,
-                     kl_direction=kl_direction, top_k=top_k, seqlen=seqlen, samples=samples, epochs=epochs,
+                     kl_direction=kl_direction, top_k=top_k, seqlen=seqlen, bos=bos, samples=samples, epochs=epochs,
                      steps=steps, batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every,
                      eval_windows=eval_windows, checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, dtype=dtype,
                      device=device, cache_dir=cache_dir, full=full or None, merge=False if no_merge else None)

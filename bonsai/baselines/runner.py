@@ -65,15 +65,18 @@ class BaselineRun:
             self.adapter.check_kinds(cfg.unit_kinds)
         self.device = next(self.model.parameters()).device
         self.seqlen = default_seqlen(self.model.config, cfg.seqlen)
+        from bonsai.data import resolve_bos
+
+        self.bos = resolve_bos(self.tokenizer, cfg.bos)
 
     def run(self) -> dict:
-        from bonsai.data import calibration_windows
+        from bonsai.data import bos_record, calibration_windows
 
         cfg = self.cfg
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.time()
-        windows = calibration_windows(self.tokenizer, cfg.calib, cfg.calib_samples, self.seqlen, seed=cfg.seed)
+        windows = calibration_windows(self.tokenizer, cfg.calib, cfg.calib_samples, self.seqlen, seed=cfg.seed, bos=self.bos)
         if self._replace and self.out.exists():
             shutil.rmtree(self.out)
             self._replace = False
@@ -96,6 +99,7 @@ class BaselineRun:
             "method": cfg.method,
             "settings": {k: v for k, v in cfg.to_dict().items() if _relevant(cfg.method, k)},
             "seqlen": self.seqlen,
+            "bos": bos_record(self.tokenizer, cfg.bos),
             "calibration_windows": int(windows.shape[0]),
             "structured": structured,
             "totals": {
@@ -227,7 +231,8 @@ class BaselineRun:
         if cfg.reconstruct != "none":
             n = refit_windows(cfg.reconstruct_samples, cfg.calib_samples,
                               widest_projection(adapter, adapter.groups(cfg.unit_kinds)), self.seqlen)
-            windows = calibration_windows(self.tokenizer, cfg.calib, n, self.seqlen, seed=cfg.seed * 100003 + 50021)
+            windows = calibration_windows(self.tokenizer, cfg.calib, n, self.seqlen, seed=cfg.seed * 100003 + 50021,
+                                          bos=self.bos)
         removal = remove_units(self.model, adapter, keep, windows, cfg.reconstruct, cfg.reconstruct_damp,
                                cfg.batch_size, progress, on_warning=lambda m: console.print(f"[yellow]{m}"),
                                target=cfg.refit_target, kinds=cfg.unit_kinds)
@@ -266,7 +271,7 @@ class BaselineRun:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-_SHARED = {"model", "sparsity", "method", "calib", "calib_samples", "seqlen", "batch_size", "seed", "dtype", "device",
+_SHARED = {"model", "sparsity", "method", "calib", "calib_samples", "seqlen", "bos", "batch_size", "seed", "dtype", "device",
            "device_map", "units"}
 _STRUCTURED = {"width_multiple", "head_multiple", "allocation"}
 

@@ -23,8 +23,9 @@ def default_seqlen(config, requested: int | None) -> int:
 
 def run_perplexity(target: str, model_name: str, seqlen: int | None = None, batch_size: int = 1,
                    split: str = "test", max_windows: int | None = None, dtype: str = "auto",
-                   device: str = "auto", trust_remote_code: bool = False, model=None, tokenizer=None) -> dict:
-    from bonsai.data import eval_windows
+                   device: str = "auto", trust_remote_code: bool = False, model=None, tokenizer=None,
+                   bos: str = "auto") -> dict:
+    from bonsai.data import bos_record, eval_windows, resolve_bos
     from bonsai.models.loading import load_model, load_tokenizer
 
     if seqlen is not None and seqlen < 2:
@@ -34,7 +35,8 @@ def run_perplexity(target: str, model_name: str, seqlen: int | None = None, batc
     if model is None:
         model = load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     seqlen = default_seqlen(model.config, seqlen)
-    windows, data = eval_windows(tokenizer, target, seqlen, split=split, max_windows=max_windows)
+    windows, data = eval_windows(tokenizer, target, seqlen, split=split, max_windows=max_windows,
+                                 bos=resolve_bos(tokenizer, bos))
     with make_progress(transient=True) as progress:
         task = progress.add_task(f"{data.name} ppl", total=windows.shape[0], info="")
         result = window_nll(model, windows, batch_size, on_batch=lambda n: progress.advance(task, n))
@@ -49,4 +51,5 @@ def run_perplexity(target: str, model_name: str, seqlen: int | None = None, batc
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "params": int(sum(p.numel() for p in model.parameters())),
         "model": model_name,
+        "bos": bos_record(tokenizer, bos),
     }

@@ -55,14 +55,15 @@ def _flatten(task_results: dict) -> dict:
 
 
 def run_tasks(model, tokenizer, tasks: dict[str, int | None], manager, batch_size: int = 1,
-              limit: int | None = None, seed: int = 1234) -> dict:
-    """Evaluate each task with its own few-shot count; returns {task: {metric: value}} plus settings."""
+              limit: int | None = None, seed: int = 1234, add_bos: bool | None = None) -> dict:
+    """Evaluate each task with its own few-shot count; returns {task: {metric: value}} plus settings.
+    `add_bos`: whether lm-eval starts every request with the BOS token (None: lm-eval's own choice)."""
     require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     _quiet_lm_eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos)
     results: dict[str, dict] = {}
     by_shots: dict[int | None, list[str]] = {}
     for name, shots in tasks.items():

@@ -103,6 +103,11 @@ class GGUFTokenizer:
     def __len__(self) -> int:
         return self.model.n_vocab
 
+    @property
+    def bos_token_id(self) -> int | None:
+        bos = int(self.model.llm.token_bos())
+        return bos if bos >= 0 else None
+
     def __call__(self, text: str, return_tensors: str | None = None, add_special_tokens: bool = False) -> dict:
         ids = self.model.tokenize(text, add_special=add_special_tokens)
         return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
@@ -133,17 +138,20 @@ def gguf_context_length(path: str) -> int:
 
 
 def gguf_perplexity(target: str, path: str, seqlen: int = 2048, split: str = "test",
-                    max_windows: int | None = None) -> dict:
-    from bonsai.data import eval_windows
+                    max_windows: int | None = None, bos: str = "auto") -> dict:
+    from bonsai.data import bos_record, eval_windows, resolve_bos
     from bonsai.progress import make_progress
 
     _, params = gguf_metadata(path)
     with GGUFModel(path, n_ctx=seqlen) as model:
-        windows, data = eval_windows(GGUFTokenizer(model), target, seqlen, split=split, max_windows=max_windows)
+        tokenizer = GGUFTokenizer(model)
+        windows, data = eval_windows(tokenizer, target, seqlen, split=split, max_windows=max_windows,
+                                     bos=resolve_bos(tokenizer, bos))
+        record = bos_record(tokenizer, bos)
         with make_progress(transient=True) as progress:
             task = progress.add_task(f"{data.name} ppl (llama.cpp)", total=windows.shape[0], info="")
             nll, count = model.window_nll(windows, on_window=lambda: progress.advance(task))
     loss = nll / count
     return {"ppl": math.exp(loss) if math.isfinite(loss) else float("inf"), "loss": loss, "dataset": data.name,
             "split": data.split, "seqlen": seqlen, "tokens": int(windows.numel()), "windows": int(windows.shape[0]),
-            "dtype": "gguf", "params": params, "model": path, "engine": "llama.cpp"}
+            "dtype": "gguf", "params": params, "model": path, "engine": "llama.cpp", "bos": record}

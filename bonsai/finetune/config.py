@@ -12,6 +12,10 @@ from bonsai.finetune.distill import KL_DIRECTIONS
 from bonsai.prune.config import CONFIG_DIR, find_config
 
 
+# what a run checkpointed before a setting existed did, where that differs from the setting's default now
+LEGACY_SETTINGS = {"bos": "never"}
+
+
 @dataclass
 class FinetuneConfig:
     model: str = "tiny"
@@ -28,6 +32,7 @@ class FinetuneConfig:
     kl_direction: str = "forward"
     top_k: int = 64
     seqlen: int = 512
+    bos: str = "auto"  # windows start as the family is run (bonsai.data.windows)
     samples: int | None = None
     epochs: int = 1
     steps: int | None = None
@@ -72,6 +77,10 @@ class FinetuneConfig:
                 raise BonsaiError(f"--{name} must be at least 1 (got {value})")
         if self.seqlen < 2:
             raise BonsaiError(f"--seqlen must be at least 2 (got {self.seqlen})")
+        from bonsai.data.windows import BOS_MODES
+
+        if self.bos not in BOS_MODES:
+            raise BonsaiError(f"unknown --bos {self.bos!r}: choose from {', '.join(BOS_MODES)}")
         return self
 
     def to_dict(self) -> dict:

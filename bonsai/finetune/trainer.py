@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from bonsai.errors import BonsaiError
 from bonsai.eval.perplexity import window_nll
-from bonsai.finetune.config import FinetuneConfig
+from bonsai.finetune.config import LEGACY_SETTINGS, FinetuneConfig
 from bonsai.finetune.distill import topk_kl
 from bonsai.models.checks import check_finite
 from bonsai.io import DamagedFile, disk_errors, read_json, read_safetensors, write_json_atomic, write_safetensors_atomic
@@ -81,6 +81,7 @@ class FinetuneRun:
                 raise BonsaiError(f"{self.out} holds an unfinished finetune run; pass --resume to continue it "
                                   "or --force to replace it")
             saved = read_json(run_file, hint="pass --force to start over")["fingerprint"]
+            saved = {**{k: v for k, v in LEGACY_SETTINGS.items() if k not in saved}, **saved}
             if saved != self.cfg.fingerprint():
                 diff = sorted(k for k in set(saved) | set(self.cfg.fingerprint())
                               if saved.get(k) != self.cfg.fingerprint().get(k))
@@ -110,7 +111,10 @@ class FinetuneRun:
         distill = cfg.distill_weight > 0
         if distill:
             check_same_vocabulary(cfg.model, cfg.teacher, self.trust_remote_code)
-        train, held, where = finetune_windows(tokenizer, cfg.data, cfg.seqlen, cfg.samples, cfg.eval_windows, cfg.seed)
+        from bonsai.data import resolve_bos
+
+        train, held, where = finetune_windows(tokenizer, cfg.data, cfg.seqlen, cfg.samples, cfg.eval_windows, cfg.seed,
+                                              bos=resolve_bos(tokenizer, cfg.bos))
         if self._replace and self.out.exists():
             shutil.rmtree(self.out)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +158,8 @@ class FinetuneRun:
 
     def _train(self, train, held, where, cache, cache_info, tokenizer, device, progress) -> dict:
         from accelerate import Accelerator
+
+        from bonsai.data import bos_record
         from transformers import get_linear_schedule_with_warmup
 
         cfg = self.cfg
@@ -258,6 +264,7 @@ class FinetuneRun:
             "teacher": cfg.teacher,
             "settings": cfg.to_dict(),
             "mode": "full" if cfg.full else "lora",
+            "bos": bos_record(tokenizer, cfg.bos),
             "data": {"source": cfg.data, "train_windows": int(train.shape[0]), "seqlen": cfg.seqlen,
                      "held_out": where, "held_out_windows": int(held.shape[0])},
             "teacher_cache": cache_info,

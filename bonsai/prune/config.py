@@ -11,7 +11,7 @@ from bonsai.errors import BonsaiError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 # what a run checkpointed before a setting existed did, where that differs from the setting's default now
-LEGACY_SETTINGS = {"sequential_obs": False, "split_probes": 1, "refit_target": "own"}
+LEGACY_SETTINGS = {"sequential_obs": False, "split_probes": 1, "refit_target": "own", "bos": "never"}
 PAPER_P_ITER = 0.05  # Table 9: 5% of the model per iteration
 # The probe selection's step: one iteration up to 30%, equal steps of at most 0.3 beyond (50%: two of 0.25).
 # Fewer, larger steps measured as good or better, and the run costs a third of p_iter 0.1 (docs/quality.md).
@@ -50,6 +50,8 @@ class PruneConfig:
     calib: str = "wikitext2"
     calib_samples: int = 32
     seqlen: int | None = None
+    # every window starts as the family is run: with the BOS token when the tokenizer adds one (bonsai.data.windows)
+    bos: str = "auto"
     batch_size: int = 1
     regression: str = "lasso"
     cv_folds: int = 5
@@ -167,6 +169,10 @@ class PruneConfig:
         bad = [u for u in self.unit_kinds if u not in UNIT_KINDS] or (not self.unit_kinds and ["(none)"])
         if bad:
             raise BonsaiError(f"unknown --units {','.join(bad)}: use attention, mlp or attention,mlp")
+        from bonsai.data.windows import BOS_MODES
+
+        if self.bos not in BOS_MODES:
+            raise BonsaiError(f"unknown --bos {self.bos!r}: choose from {', '.join(BOS_MODES)}")
         if self.calib_samples < 1:
             raise BonsaiError(f"--calib-samples must be at least 1 (got {self.calib_samples})")
         if self.seqlen is not None and self.seqlen < 2:

@@ -119,6 +119,9 @@ class PruneRun:
         self.adapter = get_adapter(self.model)
         self.device = next(self.model.parameters()).device
         self.seqlen = default_seqlen(self.model.config, cfg.seqlen)
+        from bonsai.data import resolve_bos
+
+        self.bos = resolve_bos(self.tokenizer, cfg.bos)
         self.adapter.check_kinds(cfg.unit_kinds)
         self.groups = self.adapter.groups(cfg.unit_kinds)
         self._refit_windows = 0  # set with the run's state (`_initial_state`)
@@ -336,7 +339,7 @@ class PruneRun:
         from bonsai.data import calibration_windows
 
         return calibration_windows(self.tokenizer, self.cfg.calib, self.cfg.calib_samples, self.seqlen,
-                                   seed=self.cfg.seed * 100003 + t)
+                                   seed=self.cfg.seed * 100003 + t, bos=self.bos)
 
     def _needs_gram(self) -> bool:
         """Whether this run needs each group's Gram matrix at the start of an iteration."""
@@ -667,7 +670,8 @@ class PruneRun:
         from bonsai.data import calibration_windows
 
         n = self._refit_windows
-        return calibration_windows(self.tokenizer, self.cfg.calib, n, self.seqlen, seed=self.cfg.seed * 100003 + t + 50021)
+        return calibration_windows(self.tokenizer, self.cfg.calib, n, self.seqlen, seed=self.cfg.seed * 100003 + t + 50021,
+                                   bos=self.bos)
 
     def _refit_tensors(self) -> dict[str, torch.Tensor]:
         """Every group's output projection (weight, bias): what reconstruction changes beyond slicing."""
@@ -681,6 +685,8 @@ class PruneRun:
 
     # ---- output ---------------------------------------------------------------------------
     def _report(self, state: RunState) -> dict:
+        from bonsai.data import bos_record
+
         b = self.budget
         block_now = self.adapter.block_parameters()
         total_now = sum(p.numel() for p in self.model.parameters())
@@ -688,6 +694,7 @@ class PruneRun:
             "model": self.cfg.model,
             "settings": self.cfg.to_dict(),
             "seqlen": self.seqlen,
+            "bos": bos_record(self.tokenizer, self.cfg.bos),
             "refit_windows": self._refit_windows,  # the refit's and the compensation statistics' windows
             "iterations": state.history,
             "totals": {

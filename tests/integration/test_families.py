@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import MLP_ONLY, tiny_model
+from helpers import BOS_FAMILIES, MLP_ONLY, bos_adding, tiny_model
 
 from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
 from bonsai.baselines.runner import BaselineRun
@@ -24,8 +24,22 @@ FAST = dict(calib="kjv", seqlen=32, calib_samples=4, batch_size=8, reconstruct_s
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("families")
-    return {fam: save_pruned(tiny_model(fam, "sdpa", vocab_size=len(tiny_tokenizer)), tiny_tokenizer, root / fam)
+    adding = bos_adding(tiny_tokenizer)  # Gemma's tokenizers start every text with BOS: the runs must too
+    return {fam: save_pruned(tiny_model(fam, "sdpa", vocab_size=len(tiny_tokenizer)),
+                             adding if fam in BOS_FAMILIES else tiny_tokenizer, root / fam)
             for fam in NEW_FAMILIES}
+
+
+def starts_as_run(family: str, run, report: dict) -> None:
+    """Every calibration and refit window starts with BOS exactly for the families whose tokenizer adds one."""
+    bos = run.tokenizer.bos_token_id if family in BOS_FAMILIES else None
+    assert report["bos"]["mode"] == "auto" and report["bos"]["token_id"] == bos
+    assert run.bos == bos
+    if bos is not None:
+        from bonsai.data import calibration_windows
+
+        windows = calibration_windows(run.tokenizer, "kjv", 4, 32, bos=run.bos)
+        assert (windows[:, 0] == bos).all() and not (windows[:, 1:] == bos).any()
 
 
 def units(family: str) -> str:
@@ -50,6 +64,9 @@ def test_bonsai_prunes_the_family_to_target_and_reloads(family, checkpoints, tmp
     run = PruneRun(cfg, tmp_path / "out")
     report = run.run()
     assert report["totals"]["sparsity"] >= 0.25
+    starts_as_run(family, run, report)
+    if run.bos is not None:
+        assert (run._windows(0)[:, 0] == run.bos).all() and (run._recon_windows(0)[:, 0] == run.bos).all()
     reloads_equal(tmp_path / "out", run.model)
     per_layer = {k: get_adapter(run.model).group_size(k) for k in get_adapter(run.model).groups()}
     assert len(set(per_layer.values())) > 1  # different sizes per layer went through the plan
@@ -65,6 +82,7 @@ def test_baselines_run_on_the_family(family, method, checkpoints, tmp_path):
     run = BaselineRun(cfg, tmp_path / "out")
     report = run.run()
     assert report["totals"]["sparsity"] >= (0.25 if method != "wanda" else 0.29)
+    starts_as_run(family, run, report)
     reloads_equal(tmp_path / "out", run.model)
 
 

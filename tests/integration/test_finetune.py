@@ -118,9 +118,21 @@ def test_full_finetuning_without_teacher(pruned, tmp_path):
     assert report["ppl_after"] < report["ppl_before"]
 
 
-def test_window_nll_matches_report_before(pruned):
+def test_window_nll_matches_report_before(merged_run, pruned):
     """ppl_before in the report is the student's held-out perplexity (independent of the training loop)."""
+    _, report = merged_run
     tok = load_tokenizer(str(pruned))
     _, held, where = finetune_windows(tok, "kjv", 64, 256, 8, 0)
-    assert where == "kjv test" and held.shape == (8, 64)
-    assert window_nll(load_model(str(pruned), device="cpu"), held).ppl > 1
+    assert where == "kjv test" and held.shape == (8, 64) and report["bos"]["token_id"] is None
+    assert window_nll(load_model(str(pruned), device="cpu"), held).ppl == pytest.approx(report["ppl_before"], rel=1e-6)
+
+
+def test_bos_windows_in_training_and_held_out(pruned, tmp_path):
+    """--bos always: training and held-out windows are BOS + 63 text tokens, and the report's held-out perplexity
+    is that of those windows."""
+    report = finetune(tmp_path / "bos", pruned, bos="always", steps=2, eval_every=2)
+    tok = load_tokenizer(str(pruned))
+    train, held, _ = finetune_windows(tok, "kjv", 64, 256, 8, 0, bos=tok.bos_token_id)
+    assert (train[:, 0] == tok.bos_token_id).all() and (held[:, 0] == tok.bos_token_id).all()
+    assert report["bos"] == {"mode": "always", "token_id": tok.bos_token_id, "token": tok.bos_token}
+    assert window_nll(load_model(str(pruned), device="cpu"), held).ppl == pytest.approx(report["ppl_before"], rel=1e-6)

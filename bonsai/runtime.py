@@ -53,6 +53,45 @@ def peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak (`peak_memory` then reports the peak since this call); False where it cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM, ru_maxrss)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhasePeaks:
+    """Peak memory of each phase of a run (the statistics, the sub-models, the refit ...) and of the whole run.
+
+    Each phase starts a new peak, so the run's own peak is the largest phase peak (and whatever came before the
+    first phase: loading the model)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.overall = peak_memory(device)
+        self.phases: dict[str, int] = {}
+
+    def start(self) -> None:
+        self.overall = max(self.overall, peak_memory(self.device))
+        reset_peak_memory(self.device)
+
+    def end(self, name: str) -> int:
+        """Record the peak since `start` under `name` (the larger, when a phase runs twice) and return it."""
+        value = peak_memory(self.device)
+        self.phases[name] = max(self.phases.get(name, 0), value)
+        self.overall = max(self.overall, value)
+        return value
+
+    def peak(self) -> int:
+        return max(self.overall, peak_memory(self.device))
+
+
 def hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
     """A quick check so that offline users get an answer at once instead of a retry loop."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):

@@ -238,7 +238,7 @@ def hf_only(args) -> None:
     from bench_prune import SHAPES
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    shape = SHAPES[args.shape] if args.shape else None
+    shape = {k: v for k, v in SHAPES[args.shape].items() if k != "model_type"} if args.shape else None
     variants = [(kind, int(m)) for kind in ("bonsai-plan", "uniform") for m in args.width_multiples.split(",")]
     models = {"parent": build("parent", None, shape=shape, device=args.device, dtype=dtype)}
     models.update({f"{k}-w{m}": build(k, args.plan, m, shape=shape, device=args.device, dtype=dtype) for k, m in variants})

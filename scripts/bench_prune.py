@@ -33,16 +33,7 @@ from bonsai.runtime import configure_threads  # noqa: E402
 
 configure_threads()
 
-SHAPES = {  # random weights from a config: no download needed
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True),
-    "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),  # checks of the scripts
-}
+from shapes import SHAPES, build_shape  # noqa: E402  (random weights from a real family's config)
 
 
 def sync(device):
@@ -76,17 +67,7 @@ def timed(fn, device, repeats=3):
 
 def build(args, device, dtype):
     if args.shape:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        cfg = LlamaConfig(**SHAPES[args.shape])
-        cfg._attn_implementation = "sdpa"
-        torch.manual_seed(0)
-        with torch.device(device):
-            prev = torch.get_default_dtype()
-            torch.set_default_dtype(dtype)
-            model = LlamaForCausalLM(cfg).eval()
-            torch.set_default_dtype(prev)
-        return model
+        return build_shape(args.shape, device, dtype)
     from bonsai.models.loading import load_model
 
     return load_model(args.model, dtype=dtype, device=str(device))

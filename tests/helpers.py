@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from shapes import bos_adding  # noqa: E402,F401  (a tokenizer that adds BOS, as Gemma's and LLaMA's do)
 
 
 def tiny_config(family: str, attn: str = "eager", **overrides):
@@ -105,20 +111,6 @@ def sentencepiece_style_tokenizer(folder, metaspace: bool = False):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(folder)
     return fast
-
-
-def bos_adding(tokenizer):
-    """A copy of a fast tokenizer that starts every encoded text with its BOS token, as Gemma's and LLaMA's do
-    (the shipped tiny tokenizer has a BOS token but does not add it)."""
-    import copy
-
-    from tokenizers import processors
-
-    tok = copy.deepcopy(tokenizer)
-    bos = tok.bos_token
-    tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_token_id)])
-    return tok
 
 
 BOS_FAMILIES = {"gemma", "gemma2", "gemma3"}  # their test checkpoints carry a BOS-adding tokenizer, as the real ones do

@@ -137,20 +137,75 @@ def group_importance(model, adapter: ArchAdapter, keys: list[GroupKey], windows:
 
 
 def uniform_removals(importance: dict[GroupKey, np.ndarray], adapter: ArchAdapter, target_params: float,
-                     multiple=None) -> dict[GroupKey, np.ndarray]:
-    """The same fraction r of units in every group, r chosen so that the removed parameters reach the target;
-    `multiple(group)` rounds each group's kept count to a multiple (nearest)."""
+                     multiple=None, same_per_kind: bool = False, notes: list[str] | None = None
+                     ) -> dict[GroupKey, np.ndarray]:
+    """The same fraction r of units in every group (each group's lowest importance first), r chosen so that the
+    removed parameters reach the target: each group removes round(r x units), rounded to `multiple(group)` units
+    it keeps, then the total is brought to the target within one step. A kind whose groups are too coarse for r
+    (one key/value group per layer cannot lose 30% of it) gives what its rounding allows, and the groups whose
+    ratio stays lowest take up the rest, one step at a time (so the MLP of the same layers takes attention's
+    share); an overshoot is handed back by the groups with the highest ratio. `same_per_kind` (uniform
+    allocation): every group of a kind moves together, so the result is within one such step of the target.
+    What moved between kinds is appended to `notes`."""
     prunable = sum(adapter.group_size(k) * adapter.params_per_unit(k) for k in importance)
-    ratio = target_params / prunable
+    ratio = target_params / prunable if prunable else 1.0
     if ratio >= 1:
         raise BonsaiError("the target sparsity needs more than every unit of the pruned layer range; "
                           "lower --sparsity or widen --llmp-layer-start/--llmp-layer-end")
+    keys = [k for k in importance if len(importance[k])]
+    size = {k: len(importance[k]) for k in keys}
+    params = {k: adapter.params_per_unit(k) for k in keys}
+    step = {k: max(1, multiple(k) if multiple is not None else 1) for k in keys}
+
+    def nearest(k: GroupKey) -> int:
+        n = int(round(ratio * size[k]))
+        if step[k] > 1:  # the kept count rounded to the nearest multiple
+            kept = int(round((size[k] - n) / step[k])) * step[k]
+            n = size[k] - min(kept, size[k] // step[k] * step[k])
+        return n
+
+    # the units that move together: one group, or with `same_per_kind` every group of a kind
+    if same_per_kind:
+        movers = {kind: [k for k in keys if k.kind == kind] for kind in sorted({k.kind for k in keys})}
+    else:
+        movers = {k: [k] for k in keys}
+    count = {m: nearest(ks[0]) for m, ks in movers.items()}  # same_per_kind: every group of a kind has one size
+
+    def move_params(m) -> int:
+        ks = movers[m]
+        return sum(min(step[k], size[k]) * params[k] for k in ks)
+
+    def removed() -> float:
+        return sum(count[m] * params[k] for m, ks in movers.items() for k in ks)
+
+    def ratio_after(m, delta: int) -> float:
+        k = movers[m][0]
+        return (count[m] + delta * step[k]) / size[k]
+
+    while removed() < target_params:  # fill: the mover whose ratio stays lowest after one more step
+        room = [m for m in movers if count[m] + step[movers[m][0]] <= size[movers[m][0]]]
+        if not room:
+            break
+        m = min(room, key=lambda m: (ratio_after(m, 1), -move_params(m)))
+        count[m] += step[movers[m][0]]
+    while True:  # hand back: the mover with the highest ratio whose step the overshoot can spare
+        excess = removed() - target_params
+        back = [m for m in movers if count[m] >= step[movers[m][0]] and move_params(m) <= excess]
+        if not back:
+            break
+        m = max(back, key=lambda m: (ratio_after(m, 0), move_params(m)))
+        count[m] -= step[movers[m][0]]
     drops = {}
-    for key, scores in importance.items():
-        n = int(round(ratio * len(scores)))
-        m = multiple(key) if multiple is not None else 1
-        if m > 1:
-            kept = int(round((len(scores) - n) / m)) * m
-            n = len(scores) - min(kept, len(scores) // m * m)
-        drops[key] = np.argsort(scores, kind="stable")[:n]
+    for m, ks in movers.items():
+        for k in ks:
+            drops[k] = np.argsort(importance[k], kind="stable")[:count[m]]
+    drops.update({k: np.zeros(0, dtype=np.int64) for k in importance if k not in drops})
+    if notes is not None:
+        for kind in sorted({k.kind for k in keys}):
+            ks = [k for k in keys if k.kind == kind]
+            got = sum(len(drops[k]) * params[k] for k in ks) / sum(size[k] * params[k] for k in ks)
+            if abs(got - ratio) > 0.01:
+                notes.append(f"{kind}: {got:.3f} of its parameters instead of the uniform {ratio:.3f}"
+                             + (" (its units are too coarse for that ratio)" if got < ratio else
+                                " (taking up what the coarser kind could not give)"))
     return drops

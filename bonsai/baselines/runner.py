@@ -19,6 +19,7 @@ from bonsai.errors import BonsaiError
 from bonsai.io import write_json_atomic
 from bonsai.progress import console, make_progress
 from bonsai.prune.config import PruneConfig
+from bonsai.prune.selection import check_reachable
 from bonsai.runtime import peak_memory
 
 
@@ -93,6 +94,15 @@ class BaselineRun:
                 details, structured = self._besa(windows, progress), False
         zeros, linear_weights = linear_zero_fraction(self.adapter)
         block_after = self.adapter.block_parameters()
+        reached = None
+        if structured:
+            # the rules above reach the target within one unit (a group emptied by the refit keeps a bias, a few
+            # parameters); say so if they did not
+            short = cfg.sparsity * block_before - (block_before - block_after)
+            reached = short < min(self.adapter.params_per_unit(k) for k in self.adapter.groups())
+            if not reached:
+                console.print(f"[yellow]{cfg.method}: {short:,.0f} block parameters short of --sparsity {cfg.sparsity} "
+                              f"(block sparsity {1 - block_after / block_before:.4f})")
         total_after = sum(p.numel() for p in self.model.parameters())
         report = {
             "model": cfg.model,
@@ -107,6 +117,7 @@ class BaselineRun:
                 # structured: block parameters removed; unstructured: block-linear weights set to zero
                 "sparsity": 1 - block_after / block_before if structured else zeros / linear_weights,
                 "linear_weight_sparsity": zeros / linear_weights,
+                "target_reached": reached,
                 "block_params_before": block_before,
                 "block_params_after": block_after,
                 "params_before": total_before,
@@ -129,7 +140,7 @@ class BaselineRun:
         return {"layer_sparsity": [float(np.mean(list(d.values()))) for d in per_layer], "linear_sparsity": per_layer}
 
     def _llm_pruner(self, windows, block_before: int, progress) -> dict:
-        from bonsai.baselines.llm_pruner import default_layer_range, group_importance, uniform_removals
+        from bonsai.baselines.llm_pruner import default_layer_range, group_importance
         from bonsai.prune.selection import select_removals
 
         cfg, adapter = self.cfg, self.adapter
@@ -147,6 +158,8 @@ class BaselineRun:
         if not 0 <= start < end <= adapter.num_layers:
             raise BonsaiError(f"layer range [{start}, {end}) is not within the model's {adapter.num_layers} layers")
         keys = [k for k in adapter.groups(cfg.unit_kinds) if start <= k.layer < end]
+        check_reachable(cfg.sparsity, sum(adapter.group_size(k) * adapter.params_per_unit(k) for k in keys), block_before,
+                        f"llm-pruner on layers [{start}, {end}) with --units {cfg.units}")
         console.print(f"LLM-Pruner: {cfg.llmp_importance} Taylor importance, {cfg.llmp_aggregation} aggregation, "
                       f"layers [{start}, {end}), {'global' if cfg.global_ranking else 'uniform per-layer'} ranking"
                       f"{' (--allocation uniform: every layer)' if uniform else ''}")
@@ -166,8 +179,20 @@ class BaselineRun:
         else:
             if uniform:
                 self._check_uniform(keys)
-            drops = uniform_removals(importance, adapter, target, multiple=self._multiple)
+            drops = self._uniform(importance, target)
         return {"layer_range": [start, end], **self._remove(drops, progress)}
+
+    def _uniform(self, scores: dict, target: float) -> dict:
+        """The same ratio in every group, brought to the target (`uniform_removals`); says what moved between kinds."""
+        from bonsai.baselines.llm_pruner import uniform_removals
+
+        notes: list[str] = []
+        drops = uniform_removals(scores, self.adapter, target, multiple=self._multiple,
+                                 same_per_kind=self.cfg.allocation == "uniform", notes=notes)
+        for note in notes:
+            console.print(f"[yellow]{self.cfg.method}: {note}")
+        self._notes = notes
+        return drops
 
     def _check_uniform(self, keys) -> None:
         """--allocation uniform needs one size per kind to start from (else the output is no stock config)."""
@@ -200,16 +225,16 @@ class BaselineRun:
 
         cfg, adapter = self.cfg, self.adapter
         keys = adapter.groups(cfg.unit_kinds)
+        check_reachable(cfg.sparsity, sum(adapter.group_size(k) * adapter.params_per_unit(k) for k in keys), block_before,
+                        f"flap with --units {cfg.units}")
         console.print(f"FLAP: fluctuation metric (WIFV), per-layer standardisation, "
                       f"{'the same count per layer' if cfg.allocation == 'uniform' else 'one global threshold'}; "
                       f"compensation: --reconstruct {cfg.reconstruct}")
         scores = flap_scores(self.model, adapter, keys, windows, cfg.batch_size, progress)
         target = cfg.sparsity * block_before
         if cfg.allocation == "uniform":  # FLAP's UL-UM: the same count per layer, each layer's lowest scores
-            from bonsai.baselines.llm_pruner import uniform_removals
-
             self._check_uniform(keys)
-            drops = uniform_removals(scores, adapter, target, multiple=self._multiple)
+            drops = self._uniform(scores, target)
         elif self._multiples():
             drops = self._global_in_multiples(scores, target)
         else:
@@ -242,6 +267,7 @@ class BaselineRun:
             "kept_units": {str(k): v for k, v in keep.items()},
             "reconstruction": {"mode": cfg.reconstruct, "target": cfg.refit_target, "layers": removal.groups,
                                "added_biases": removal.added_biases, "warnings": removal.warnings},
+            "allocation_notes": getattr(self, "_notes", []),
         }
 
     def _besa(self, windows, progress) -> dict:

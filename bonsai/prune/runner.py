@@ -30,10 +30,11 @@ from bonsai.prune.priors import NEEDS_GRAM
 from bonsai.prune.sampling import candidate_units, probe_masks, sample_masks
 from bonsai.prune.scoring import unit_scores
 from bonsai.prune.regression import fit_unit_scores
-from bonsai.prune.selection import GroupOrder, changed_share, select_in_multiples, select_removals, uniform_options
+from bonsai.prune.selection import (GroupOrder, changed_share, check_reachable, select_in_multiples, select_removals,
+                                   uniform_options)
 from bonsai.prune.state import IterationState, RunState, StateStore
 from bonsai.reconstruct import RemovalReport, remove_units
-from bonsai.runtime import peak_memory
+from bonsai.runtime import PhasePeaks
 
 TAU_RISE = 0.01  # adaptive sampling: a CV tau higher than the last round's by more than this is still rising
 ABORT_ENV = "BONSAI_ABORT_AFTER_EVALS"  # tests: simulate a crash after N sub-model evaluations
@@ -57,11 +58,7 @@ def plan_budget(adapter: ArchAdapter, groups: list[GroupKey], cfg: PruneConfig) 
     total = sum(p.numel() for p in adapter.model.parameters())
     prunable = sum(adapter.group_size(k) * adapter.params_per_unit(k) for k in groups)
     target = cfg.sparsity * block
-    if target > prunable:
-        raise BonsaiError(
-            f"--sparsity {cfg.sparsity} would remove {target:,.0f} block parameters but only {prunable:,} are prunable "
-            f"with --units {cfg.units}: this would remove every unit"
-        )
+    check_reachable(cfg.sparsity, prunable, block, f"--units {cfg.units}")
     # Algorithm 1 runs ceil(p / p_iter) iterations; equal steps make the last one end at the target.
     iterations = max(1, math.ceil(cfg.sparsity / cfg.p_iter - 1e-9))
     # p_iter is a share of the block's parameters; when only some kinds of units may go (--units mlp, or a family
@@ -118,6 +115,7 @@ class PruneRun:
             check_finite(self.model, cfg.model)
         self.adapter = get_adapter(self.model)
         self.device = next(self.model.parameters()).device
+        self.peaks = PhasePeaks(self.device)  # after loading: the model's own memory is in every phase
         self.seqlen = default_seqlen(self.model.config, cfg.seqlen)
         from bonsai.data import resolve_bos
 
@@ -261,6 +259,12 @@ class PruneRun:
                     self.store.prune_weights(keep=state.refit)
                 progress.update(it_task, completed=t + 1, info=f"sparsity {state.history[-1]['sparsity']:.3f}")
             progress.update(it_task, completed=b.iterations)
+        # each iteration reaches its share within one unit unless its candidates cannot give it (e.g. --width-multiple
+        # steps larger than what is left): say so, never silently
+        if not self._target_reached() and self.dist.is_main:
+            short = b.target_removed - (b.block_params - self.adapter.block_parameters())
+            console.print(f"[yellow]{short:,.0f} block parameters short of --sparsity {self.cfg.sparsity}: the last "
+                          "iteration's candidates could not give more")
         state.finished = True
         self._save(state)
         report = self._finish(state) if self.dist.is_main else self._report(state)
@@ -276,11 +280,14 @@ class PruneRun:
         need = min((t + 1) * b.step, b.target_removed) - removed
         windows = self._windows(t)
         self._compensation = self._reference = self._split_record = None
+        self._phase_peaks = {}
+        self.peaks.start()
         it = self.store.load_iteration(t)
         if it is None:
             it = self._start_iteration(t, windows)
         it = self.dist.broadcast(it)  # every replica works from the main process's masks
         phases = {"statistics": time.time() - start}  # prior pass, unit errors (0 where a checkpoint held them)
+        self._phase_end("statistics", parts=("prior_pass", "unit_errors"))
         mark = time.time()
         keys = [k for k in self.groups if len(it.candidates[str(k)])]
         offsets = np.cumsum([0] + [len(it.candidates[str(k)]) for k in keys])
@@ -296,6 +303,7 @@ class PruneRun:
                 # the split probes (uniform allocation) evaluate with the same compensation: kept until then
                 self._evaluate_pending(it, keys, offsets, windows, progress, release=not self._probes_splits())
         phases["sub_models"], mark = time.time() - mark, time.time()
+        self._phase_end("sub_models")
         fitted = self._adaptive_fit if adaptive else None  # the last round's fit: no second regression
         scores, reg, probe = unit_scores(cfg, it, keys, offsets, cand_prior, cand_params, t, fitted)
         if cfg.width_multiple > 1 or cfg.head_multiple > 1 or cfg.allocation == "uniform":
@@ -307,8 +315,10 @@ class PruneRun:
                        for j, key in enumerate(keys)}
         removed = self.dist.broadcast({k: np.sort(v) for k, v in removed.items() if len(v)})
         phases["selection"], mark = time.time() - mark, time.time()
+        self._phase_end("selection")
         removal = self._apply(t, removed, state, progress)
         phases["reconstruction"] = time.time() - mark  # slicing, the refit and its checkpoint
+        self._phase_end("reconstruction")
         n_bad = int((~np.isfinite(it.utility) & it.done).sum())
         if n_bad:
             console.print(f"[yellow]iteration {t + 1}: {n_bad} sub-model(s) had a non-finite loss and were left out of the fit")
@@ -333,7 +343,14 @@ class PruneRun:
             "calib_ppl": math.exp(it.base_loss) if it.base_loss < 700 else float("inf"),
             "seconds": time.time() - start,
             "phase_seconds": phases,  # this process's share (a resumed iteration's earlier work is not in it)
+            "phase_peak_bytes": self._phase_peaks,  # peak memory of each phase (RSS on CPU, allocated on a GPU)
         })
+
+    def _phase_end(self, name: str, parts: tuple[str, ...] = ()) -> None:
+        """Record the peak memory of the phase that just ended (the largest of its `parts` recorded before) and
+        start the next one's."""
+        self._phase_peaks[name] = max([self.peaks.end(name)] + [self._phase_peaks.get(p, 0) for p in parts])
+        self.peaks.start()
 
     def _windows(self, t: int) -> torch.Tensor:
         from bonsai.data import calibration_windows
@@ -381,9 +398,11 @@ class PruneRun:
                                                             cfg.batch_size, reference=True)
         else:
             priors, base_loss = prior_pass(self.model, self.adapter, self.groups, windows, cfg.prior, cfg.batch_size)
+        self._phase_end("prior_pass")
         errors = {}
         if self._needs_gram():
             errors, self._compensation = self._gram_pass(self._recon_windows(t), priors)
+            self._phase_end("unit_errors")
             if cfg.prior in NEEDS_GRAM:
                 priors = dict(errors)
         candidates = {str(k): candidate_units(priors[k], self.budget.unit_p_iter, cfg.candidate_multiple)
@@ -701,17 +720,24 @@ class PruneRun:
                 "target_sparsity": self.cfg.sparsity,
                 "sparsity": 1 - block_now / b.block_params,
                 "fraction_of_all_params_removed": 1 - total_now / b.total_params,
+                "target_reached": self._target_reached(),
                 "block_params_before": b.block_params,
                 "block_params_after": block_now,
                 "params_before": b.total_params,
                 "params_after": total_now,
                 "max_unit_params": max(self.adapter.params_per_unit(k) for k in self.groups),
                 "wall_seconds": state.elapsed_before,
-                "peak_memory_bytes": peak_memory(self.device),
+                "peak_memory_bytes": self.peaks.peak(),
             },
             "kept_units": state.kept,
             "emptied_groups": emptied_groups(state.history, b.initial_units),
         }
+
+    def _target_reached(self) -> bool:
+        """Within one unit of the target (a group the refit emptied keeps a bias: a few parameters more)."""
+        b = self.budget
+        short = b.target_removed - (b.block_params - self.adapter.block_parameters())
+        return short < min(self.adapter.params_per_unit(k) for k in self.groups)
 
     def _finish(self, state: RunState) -> dict:
         from bonsai.models.saving import save_pruned

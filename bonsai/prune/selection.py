@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bonsai.errors import BonsaiError
+
 
 def select_removals(scores: np.ndarray, tiebreak: np.ndarray, unit_params: np.ndarray, budget: float) -> np.ndarray:
     """Indices to remove: ascending score (ties: lower `tiebreak` first) until >= `budget` parameters.
@@ -126,3 +128,12 @@ def select_uniform(groups: dict[str, list[GroupOrder]], budget: float, cost_per_
     if not options:  # not reachable this iteration: take everything allowed
         return {kind: min(len(g.steps()) for g in gs) if gs else 0 for kind, gs in groups.items()}
     return options[0][1]
+
+
+def check_reachable(sparsity: float, prunable_params: int, block_params: int, rule: str) -> None:
+    """Stop before any work when `sparsity` of the block parameters is more than the units this method may remove
+    (`prunable_params`, under `rule`, e.g. "--units attention") can give, naming the largest reachable sparsity."""
+    reachable = prunable_params / block_params if block_params else 0.0
+    if sparsity * block_params >= prunable_params:
+        raise BonsaiError(f"--sparsity {sparsity} cannot be reached: {rule} can remove at most {reachable:.4f} of the "
+                          f"block parameters (every unit it may touch); choose --sparsity below {reachable:.4f}")

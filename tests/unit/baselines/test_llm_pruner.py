@@ -98,3 +98,38 @@ def test_default_layer_range_keeps_first_and_last():
     assert default_layer_range(32) == (4, 30)
     assert default_layer_range(6) == (1, 5)
     assert default_layer_range(2) == (0, 2)
+
+
+def test_uniform_ratio_reaches_the_target_within_one_unit_with_one_kv_group():
+    """With one key/value group per layer a 30% ratio rounds to no attention at all; the MLP of the same layers
+    takes up attention's share, and the total lands within one MLP channel of the target."""
+    from bonsai.adapters import GroupKey
+
+    model = tiny_model("llama", "eager", num_key_value_heads=1)
+    adapter = get_adapter(model)
+    rng = np.random.default_rng(0)
+    imp = {k: rng.random(adapter.group_size(k)) for k in adapter.groups()}
+    target = 0.3 * adapter.block_parameters()
+    notes: list[str] = []
+    drops = uniform_removals(imp, adapter, target, notes=notes)
+    removed = sum(len(d) * adapter.params_per_unit(k) for k, d in drops.items())
+    mlp_unit = adapter.params_per_unit(GroupKey(0, "mlp"))
+    assert target <= removed < target + mlp_unit
+    assert all(len(drops[GroupKey(i, "attention")]) == 0 for i in range(adapter.num_layers))
+    mlp_counts = [len(drops[GroupKey(i, "mlp")]) for i in range(adapter.num_layers)]
+    assert max(mlp_counts) - min(mlp_counts) <= 1  # still one ratio across the layers
+    for k, d in drops.items():  # each group's lowest importance first
+        assert set(d.tolist()) == set(np.argsort(imp[k], kind="stable")[:len(d)].tolist())
+    assert any(n.startswith("attention: 0.000") for n in notes) and any(n.startswith("mlp:") for n in notes)
+
+
+def test_uniform_ratio_hands_back_an_overshoot():
+    """Three key/value groups: a 30% ratio rounds to one group (33%) per layer; MLP channels are handed back so
+    that the total is within one channel of the target instead of 3 points over it."""
+    model = tiny_model("llama-gqa", "eager")  # 2 key/value groups per layer: round(0.3 x 2) = 1 (50%)
+    adapter = get_adapter(model)
+    imp = {k: np.arange(adapter.group_size(k), dtype=float) for k in adapter.groups()}
+    target = 0.3 * adapter.block_parameters()
+    drops = uniform_removals(imp, adapter, target)
+    removed = sum(len(d) * adapter.params_per_unit(k) for k, d in drops.items())
+    assert target <= removed < target + max(adapter.params_per_unit(k) for k in adapter.groups())

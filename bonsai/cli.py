@@ -555,6 +555,12 @@ def _print_prune(report: dict, out: Path) -> None:
     console.print(f"block sparsity {t['sparsity']:.4f} (target {t['target_sparsity']}), "
                   f"all parameters {t['params_before']:,} -> {t['params_after']:,}, "
                   f"{t['wall_seconds']:.0f}s, peak memory {t['peak_memory_bytes'] / 2**20:.0f} MiB")
+    for h in report["iterations"]:
+        floor = h.get("at_floor") or []
+        if floor and h["sub_models"]:
+            console.print(f"iteration {h['iteration']}: {len(floor)} group(s) gave every candidate (at the floor the step "
+                          f"--p-iter sets, not where their measurement would stop): {', '.join(floor[:8])}"
+                          + (" ..." if len(floor) > 8 else ""))
     for e in report.get("emptied_groups", []):
         evidence = (f": probe cost {e['probe_increase']:.3g} against a median of {e['median_probe_increase']:.3g}"
                     if "probe_increase" in e else "")

@@ -426,15 +426,15 @@ def _refit_to_residual(model: nn.Module, adapter: ArchAdapter, todo: dict[GroupK
 
 @torch.no_grad()
 def _reference_pass(block: nn.Module, attention_out: nn.Linear, mlp_out: nn.Linear, hidden: list[torch.Tensor],
-                    kwargs: list[dict], store: torch.device | None) -> tuple[list, list, list]:
+                    kwargs: list[dict], store) -> tuple[list, list, list]:
     """`block`, not yet refit, on the reference stream: per batch its attention and MLP output projections'
     outputs and the block's output (the next block's reference input)."""
-    from bonsai.baselines.layerwise import outputs_of
+    from bonsai.baselines.layerwise import outputs_of, stash
 
     attention, mlp = [], []
 
     def keep(into: list):
-        return lambda mod, args, out: into.append(out if store is None else out.to(store))
+        return lambda mod, args, out: into.append(stash(out, store))
 
     handles = [attention_out.register_forward_hook(keep(attention)), mlp_out.register_forward_hook(keep(mlp))]
     try:

@@ -156,6 +156,12 @@ class ArchAdapter(ABC):
                 attrs[name] = value
         return attrs
 
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from final hidden states (after the final norm), exactly as the model's own forward
+        computes them after its decoder: the head, then whatever the family does to its output (soft-capping,
+        scaling). Lets a loss over a large vocabulary be taken a chunk of positions at a time."""
+        return self.model.get_output_embeddings()(hidden)
+
     # ---- generic, built on the above ---------------------------------------------------------
     @property
     def num_layers(self) -> int:

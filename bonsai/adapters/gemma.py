@@ -9,8 +9,17 @@ and Gemma-3's q/k norms are per head with shared weights, as in Qwen3.
 
 from __future__ import annotations
 
+import torch
+
 from bonsai.adapters.llama import LlamaAdapter
 from bonsai.adapters.registry import register_adapter
+
+
+def _soft_capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma-2/3's final logit soft-capping, cap * tanh(logits / cap), when the config sets a cap."""
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
 
 
 @register_adapter
@@ -24,6 +33,9 @@ class Gemma2Adapter(LlamaAdapter):
     model_types = ("gemma2",)
     causal_lm_class = "Gemma2ForCausalLM"
 
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _soft_capped(super().head_logits(hidden), self.model.config.final_logit_softcapping)
+
     def residual_scale(self, layer: int) -> float | None:
         return None  # the norms after attention and MLP act on the projections' outputs
 
@@ -32,6 +44,9 @@ class Gemma2Adapter(LlamaAdapter):
 class Gemma3TextAdapter(LlamaAdapter):
     model_types = ("gemma3_text",)
     causal_lm_class = "Gemma3ForCausalLM"
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _soft_capped(super().head_logits(hidden), getattr(self.model.config, "final_logit_softcapping", None))
 
     def residual_scale(self, layer: int) -> float | None:
         return None  # the norms after attention and MLP act on the projections' outputs

@@ -6,6 +6,8 @@ projections, so slicing units and refitting output projections are unchanged.
 
 from __future__ import annotations
 
+import torch
+
 from bonsai.adapters.llama import LlamaAdapter
 from bonsai.adapters.registry import register_adapter
 
@@ -14,6 +16,9 @@ from bonsai.adapters.registry import register_adapter
 class GraniteAdapter(LlamaAdapter):
     model_types = ("granite",)
     causal_lm_class = "GraniteForCausalLM"
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().head_logits(hidden) / self.model.config.logits_scaling
 
     def residual_scale(self, layer: int) -> float | None:
         return float(self.model.config.residual_multiplier)

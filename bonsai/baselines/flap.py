@@ -46,7 +46,7 @@ def flap_scores(model, adapter: ArchAdapter, keys: list[GroupKey], windows: torc
         task = progress.add_task("flap statistics", total=len(windows), info="forward") if progress else None
         for start in range(0, len(windows), batch_size):
             batch = windows[start:start + batch_size].to(device)
-            model(batch, use_cache=False)
+            model(batch, use_cache=False, logits_to_keep=1)  # statistics only: no logits over the vocabulary
             if task is not None:
                 progress.advance(task, batch.shape[0])
     scores = {}

@@ -10,6 +10,10 @@ a time, and no module name beyond the adapter's `layers()` is ever used.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,7 +73,7 @@ class BlockInputs:
     hidden: list[torch.Tensor]
     block_kwargs: list[list[dict]]  # [block index][batch]
     blocks: list[nn.Module]
-    store_device: torch.device | None = None  # where `hidden` waits between blocks (None: where it was computed)
+    store_device: torch.device | SpillStore | None = None  # where `hidden` waits between blocks (see `states_store`)
 
     def kwargs_for(self, block: nn.Module) -> list[dict]:
         for i, b in enumerate(self.blocks):
@@ -78,39 +82,136 @@ class BlockInputs:
         raise ValueError("not one of the model's blocks")
 
 
-def states_store(model: nn.Module, tokens: int, copies: int = 2) -> torch.device | None:
-    """Where block-by-block passes over `tokens` calibration tokens keep their hidden states. On an accelerator,
-    a block's input and output states for the refit's windows can pass a tenth of the model's own memory (LLaMA-2-7B,
-    86 windows of 2048: 2 x 1.4 GB beside 13.5 GB), which breaks the inference-level memory bonsai promises; then
-    they wait in host memory and each batch goes over for its block (PCIe time, no extra forward). On the CPU, or
-    while they are small, they stay where they are computed. `copies`: state sets alive at once (input and output
-    of a block: 2; the residual-target refit: 6, see `reconstruct._refit_to_residual`)."""
+def states_store(model: nn.Module, tokens: int, copies: int = 2) -> torch.device | SpillStore | None:
+    """Where block-by-block passes over `tokens` calibration tokens keep their hidden states. A block's input and
+    output states for the refit's windows can pass a tenth of the model's own memory (LLaMA-2-7B, 86 windows of
+    2048: 2 x 1.4 GB beside 13.5 GB; the residual refit keeps six such sets), which breaks the inference-level
+    memory bonsai promises. Beyond HOST_STATES_SHARE of the model's memory they wait outside it: in host memory
+    when the model is on an accelerator, in a temporary file when it is on the CPU (whose memory is the host's);
+    each batch comes back for its block (PCIe or page-cache time, no extra forward). `copies`: state sets alive at
+    once (input and output of a block: 2; the residual-target refit: 6, see `reconstruct._refit_to_residual`)."""
     param = next(model.parameters())
-    if param.device.type == "cpu":
-        return None
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     states_bytes = copies * tokens * model.config.hidden_size * param.element_size()
-    return torch.device("cpu") if states_bytes > HOST_STATES_SHARE * model_bytes else None
+    if states_bytes <= HOST_STATES_SHARE * model_bytes:
+        return None
+    return torch.device("cpu") if param.device.type != "cpu" else SpillStore()
 
 
-HOST_STATES_SHARE = 0.05  # of the model's memory: block states beyond it wait in host memory (`states_store`)
+HOST_STATES_SHARE = 0.05  # of the model's memory: block states beyond it wait outside it (`states_store`)
+SPILL_DIR_ENV = "BONSAI_SPILL_DIR"  # where a CPU run's spilled states go (default: the system's temporary folder)
+
+
+class SpilledTensor:
+    """A tensor waiting in a file; `.to(...)` reads it back (as a tensor's `.to` would move it). The file goes when
+    the object does."""
+
+    device = torch.device("cpu")  # where it comes back
+
+    def __init__(self, tensor: torch.Tensor, store: SpillStore):
+        t = tensor.detach().contiguous().cpu()
+        self.shape, self.dtype = t.shape, t.dtype
+        self._store = store  # its folder lives as long as any tensor in it
+        fd, self.path = tempfile.mkstemp(dir=store.directory, suffix=".bin")
+        with os.fdopen(fd, "wb") as f:
+            t.view(-1).view(torch.uint8).numpy().tofile(f)
+        self.nbytes = t.numel() * t.element_size()
+        self._remove = weakref.finalize(self, _unlink, self.path)
+
+    def load(self) -> torch.Tensor:
+        buf = bytearray(self.nbytes)
+        with open(self.path, "rb") as f:
+            f.readinto(buf)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(self.dtype).view(self.shape)
+
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        return self.load().to(*args, **kwargs)
+
+    def __reduce__(self):  # sent to another process (a distributed run) as the tensor itself
+        return _same_tensor, (self.load(),)
+
+
+def _same_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class SpillStore:
+    """Block states of a CPU run kept in a temporary folder instead of the process's memory (`states_store`)."""
+
+    def __init__(self):
+        root = os.environ.get(SPILL_DIR_ENV) or None
+        self.directory = tempfile.mkdtemp(prefix="bonsai-states-", dir=root)
+        self._remove = weakref.finalize(self, shutil.rmtree, self.directory, True)
+
+    def put(self, tensor: torch.Tensor) -> SpilledTensor | torch.Tensor:
+        return SpilledTensor(tensor, self) if tensor.numel() else tensor
+
+
+def stash(tensor: torch.Tensor, store: torch.device | SpillStore | None):
+    """`tensor` kept where `store` says: as it is (None), on a device, or spilled to a file."""
+    if store is None:
+        return tensor
+    if isinstance(store, SpillStore):
+        return store.put(tensor)
+    return tensor.to(store)
+
+
+class SharedArguments:
+    """One object for block arguments that every batch gets alike. Position embeddings, position ids and masks are
+    the same for every batch of equal shape (no padding): kept once, not once per batch (Gemma-3's two rotary
+    tables are 0.5 MB a batch: 128 MB over the 256 refit windows of its 270M model, a third of its weights'
+    share of the budget)."""
+
+    def __init__(self):
+        self._seen: dict[str, list] = {}
+
+    def __call__(self, name: str, value):
+        if not _comparable(value):
+            return value
+        for known in self._seen.setdefault(name, []):
+            if _same(known, value):
+                return known
+        self._seen[name].append(value)
+        return value
+
+
+def _comparable(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, tuple) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+        return False
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int,
-                         store_device: torch.device | None = None) -> BlockInputs:
+                         store_device: torch.device | SpillStore | None = None) -> BlockInputs:
     """The first block's input and every block's keyword arguments, per batch of `batch_size` consecutive
     windows: one forward with every block passed through, stopped before the head."""
     device = next(model.parameters()).device
     blocks = list(layers)
     hidden, block_kwargs = [], [[] for _ in blocks]
+    shared = SharedArguments()
 
     def hook(i: int):
         def record(module, args, kw):
             if i == 0:
                 x = args[0] if args else kw["hidden_states"]
-                hidden.append(x.to(store_device or x.device))
-            block_kwargs[i].append({k: v for k, v in kw.items() if k != "hidden_states"})
+                hidden.append(stash(x, store_device))
+            block_kwargs[i].append({k: shared(k, v) for k, v in kw.items() if k != "hidden_states"})
             if i == len(blocks) - 1:
                 raise _Stop
         return record
@@ -141,13 +242,13 @@ def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def outputs_of(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict],
-               store_device: torch.device | None) -> list[torch.Tensor]:
+def outputs_of(block: nn.Module, hidden: list, kwargs: list[dict],
+               store_device: torch.device | SpillStore | None) -> list:
     """`block` (any copy of one of the model's blocks) on every batch of `hidden`, with that block's `kwargs`."""
     if store_device is None:
         return [run_block(block, h, kw) for h, kw in zip(hidden, kwargs, strict=True)]
     device = next(block.parameters()).device
-    return [run_block(block, h.to(device), kw).to(store_device) for h, kw in zip(hidden, kwargs, strict=True)]
+    return [stash(run_block(block, h.to(device), kw), store_device) for h, kw in zip(hidden, kwargs, strict=True)]
 
 
 @torch.no_grad()

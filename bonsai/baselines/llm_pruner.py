@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bonsai.adapters import GroupKey
 from bonsai.adapters.base import ArchAdapter
@@ -39,17 +38,16 @@ def default_layer_range(num_layers: int) -> tuple[int, int]:
     return start, end
 
 
-def _mean_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(batch, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-
-
 def gradients(model, weights: list[torch.nn.Parameter], windows: torch.Tensor, batch_size: int,
               fisher: bool, progress=None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Gradient of the mean LM loss over all windows, and optionally the Fisher diagonal mean_j g_j^2
-    with g_j the gradient of window j's own mean loss."""
+    with g_j the gradient of window j's own mean loss. The head is differentiated a chunk of positions at a time
+    (`bonsai.logits`): the gradient buffers are the memory LLM-Pruner needs beyond inference, not the logits."""
+    from bonsai.logits import ChunkedHead
+
     device = next(model.parameters()).device
-    n = windows.shape[0]
+    head = ChunkedHead(model)
+    n, predictions = windows.shape[0], windows.shape[1] - 1
     fish = None
     passes = (n if fisher else 0) + -(-n // batch_size)
     task = progress.add_task("gradient passes", total=passes, info="backward") if progress else None
@@ -61,16 +59,17 @@ def gradients(model, weights: list[torch.nn.Parameter], windows: torch.Tensor, b
     if fisher:
         fish = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
         for j in range(n):
-            grads = torch.autograd.grad(_mean_loss(model, windows[j:j + 1].to(device)), weights)
+            grads, _ = head.nll_grad(windows[j:j + 1].to(device), weights, scale=1.0 / predictions)
             for acc, g in zip(fish, grads, strict=True):
                 acc.add_(g.float().pow(2), alpha=1.0 / n)
             advance()
     total = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     for start in range(0, n, batch_size):
         batch = windows[start:start + batch_size].to(device)
-        grads = torch.autograd.grad(_mean_loss(model, batch) * (batch.shape[0] / n), weights)
+        grads, _ = head.nll_grad(batch, weights, scale=1.0 / (n * predictions))  # the mean over all windows
         for acc, g in zip(total, grads, strict=True):
             acc.add_(g.float())
+        del grads
         advance()
     return total, fish
 

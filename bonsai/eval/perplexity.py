@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -29,24 +28,26 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def batch_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL of each row of `batch`, in float32 whatever the model dtype."""
-    logits = model(batch).logits
-    targets = batch[:, 1:].to(logits.device)  # with a device_map the logits live on the last device
-    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                          reduction="none")
-    return nll.view(batch.shape[0], -1).sum(dim=1)
+def batch_nll(model: nn.Module, batch: torch.Tensor, head=None) -> torch.Tensor:
+    """Summed next-token NLL of each row of `batch`, in float32 whatever the model dtype, from the head a chunk of
+    positions at a time (`bonsai.logits`; pass one `head` for many batches)."""
+    from bonsai.logits import ChunkedHead
+
+    return (head or ChunkedHead(model)).nll(batch.to(model_device(model)))
 
 
 @torch.no_grad()
 def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
                on_batch: Callable[[int], None] | None = None) -> NllResult:
     """NLL of every next-token prediction in the windows (seqlen-1 per window)."""
+    from bonsai.logits import ChunkedHead
+
     device = model_device(model)
+    head = ChunkedHead(model)
     total = 0.0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start:start + batch_size].to(device)
-        total += batch_nll(model, batch).double().sum().item()
+        total += batch_nll(model, batch, head).double().sum().item()
         if on_batch is not None:
             on_batch(batch.shape[0])
     return NllResult(nll_sum=total, tokens=windows.shape[0] * (windows.shape[1] - 1))

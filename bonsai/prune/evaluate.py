@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from bonsai.adapters.base import ArchAdapter, GroupKey
-from bonsai.eval.perplexity import batch_nll, model_device
-from bonsai.finetune.distill import TopK, teacher_topk, topk_kl
+from bonsai.eval.perplexity import model_device
+from bonsai.finetune.distill import TopK
+from bonsai.logits import ChunkedHead
 from bonsai.masking import UnitMasks
 from bonsai.prune.prefix import BlockPrefix, first_changed_layer
 from bonsai.prune.priors import NEEDS_ACTIVATIONS, ActivationStats, unit_prior
@@ -30,12 +31,6 @@ if TYPE_CHECKING:
 REFERENCE_TOP_K = 64  # next-token log-probabilities kept per position for the KL utility
 
 
-def batch_kl(model: nn.Module, batch: torch.Tensor, reference: TopK) -> torch.Tensor:
-    """Summed KL(reference || model) over the next-token predictions of each row (top-k coarsened, float32)."""
-    logits = model(batch).logits[:, :-1]
-    return topk_kl(logits, reference.to(logits.device)).sum(dim=1)
-
-
 @torch.no_grad()
 def prior_pass(model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], windows: torch.Tensor,
                prior: str, batch_size: int, reference: bool = False
@@ -43,15 +38,18 @@ def prior_pass(model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], w
     """Per-unit prior of every group, and the mean calibration loss of the current model; with `reference`,
     also its next-token distributions on the windows (top-k), which the KL utility compares sub-models to."""
     device = model_device(model)
+    head = ChunkedHead(model)
     nll, count = 0.0, 0
     refs = []
     with ActivationStats(adapter, groups if prior in NEEDS_ACTIVATIONS else []) as stats:
         for start in range(0, len(windows), batch_size):
             batch = windows[start:start + batch_size].to(device)
-            logits = model(batch).logits
-            nll += _nll_from_logits(logits, batch).double().sum().item()
             if reference:
-                refs.append(teacher_topk(logits[:, :-1], REFERENCE_TOP_K).to(torch.device("cpu")))
+                row_nll, top = head.nll_and_topk(batch, REFERENCE_TOP_K, store=torch.device("cpu"))
+                refs.append(top)
+            else:
+                row_nll = head.nll(batch)
+            nll += row_nll.double().sum().item()
             count += batch.shape[0] * (batch.shape[1] - 1)
         tokens = stats.tokens_per_row * len(windows)
         priors = {}
@@ -63,13 +61,6 @@ def prior_pass(model: nn.Module, adapter: ArchAdapter, groups: list[GroupKey], w
         ref = TopK(torch.cat([r.logprobs for r in refs]), torch.cat([r.ids for r in refs]), torch.cat([r.tail for r in refs]))
         return priors, nll / count, ref
     return priors, nll / count
-
-
-def _nll_from_logits(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    targets = batch[:, 1:].to(logits.device)
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                            reduction="none")
-    return nll.view(batch.shape[0], -1).sum(dim=1)
 
 
 class SubModelEvaluator:
@@ -95,6 +86,7 @@ class SubModelEvaluator:
         self.candidates = candidates
         self.reference = reference
         self.device = model_device(model)
+        self.head = ChunkedHead(model)
         self.reuse_prefix = reuse_prefix and prior not in NEEDS_ACTIVATIONS
         self._prefix: BlockPrefix | None = None  # kept across calls: chunks of one iteration share it
 
@@ -159,10 +151,10 @@ class SubModelEvaluator:
                 masks.set(self._row_masks(rows))
                 with start:
                     if self.reference is None:
-                        row_nll = batch_nll(self.model, batch).double().cpu().numpy()
+                        row_nll = self.head.nll(batch).double().cpu().numpy()
                     else:
                         ref = TopK(self.reference.logprobs[w], self.reference.ids[w], self.reference.tail[w])
-                        row_nll = batch_kl(self.model, batch, ref).double().cpu().numpy()
+                        row_nll = self.head.kl(batch, ref).double().cpu().numpy()
                 for (s, _), v in zip(chunk, row_nll, strict=True):
                     nll[slot[s]] += v
                 if collect:

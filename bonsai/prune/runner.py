@@ -330,6 +330,8 @@ class PruneRun:
             "block_params": block_now,
             "sparsity": 1 - block_now / b.block_params,
             "removed_units": int(sum(len(v) for v in removed.values())),
+            # groups that gave every candidate: the candidate floor (the step), not the measurement, set their size
+            "at_floor": [str(k) for k in keys if len(removed.get(k, ())) >= len(it.candidates[str(k)])],
             "candidates": len(cand_prior),
             "sub_models": int(it.done.sum()),
             "non_finite": n_bad,

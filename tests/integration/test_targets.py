@@ -77,3 +77,22 @@ def test_unreachable_target_stops_before_any_work(method, one_kv, tmp_path):
     with pytest.raises(BonsaiError, match=r"cannot be reached: .* at most 0\.\d+ .* choose --sparsity below 0\.\d+"):
         run(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_report_names_the_groups_at_their_candidate_floor(one_kv, tmp_path):
+    """at_floor lists exactly the groups that gave every candidate (ceil(2 p_iter n) units in one step of 0.3)."""
+    import math
+
+    cfg = PruneConfig(model=str(one_kv), sparsity=0.3, **FAST).validate()
+    runner, report = run(cfg, tmp_path / "out")
+    (it,) = report["iterations"]
+    parent = get_adapter(tiny_model("llama", "sdpa", num_hidden_layers=6, num_key_value_heads=1))
+    expected = set()
+    for kind in ("attention", "mlp"):
+        for layer, left in enumerate(it[f"{kind}_units"]):
+            from bonsai.adapters import GroupKey
+
+            size = parent.group_size(GroupKey(layer, kind))
+            if size - left == max(1, math.ceil(2 * 0.3 * size - 1e-9)):
+                expected.add(f"{layer}.{kind}")
+    assert set(it["at_floor"]) == expected and expected  # one-KV attention is all or nothing: it is at its floor

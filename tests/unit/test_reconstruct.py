@@ -106,16 +106,18 @@ def _keep_plan(adapter):
             m1: torch.arange(1, adapter.group_size(m1), 2)}
 
 
-@pytest.mark.parametrize("host_states", [False, True])
+@pytest.mark.parametrize("host_states", [None, "host", "spill"])
 @pytest.mark.parametrize("family", ["llama-gqa", "phi"])
 def test_statistics_come_from_the_pruned_prefix(family, host_states, monkeypatch):
     """Block-by-block refit == an independent refit that reads each layer's statistics from full-model forwards
     (hooks) of the model whose earlier layers are already pruned and refit (attention before MLP; Phi in parallel).
-    `host_states`: the block states kept apart from the model (as on an accelerator with large refit sets)."""
+    `host_states`: the block states kept apart from the model (as on an accelerator with large refit sets, or in a
+    temporary file on a CPU)."""
     import bonsai.baselines.layerwise as layerwise
 
     if host_states:
-        monkeypatch.setattr(layerwise, "states_store", lambda model, tokens: torch.device("cpu"))
+        store = torch.device("cpu") if host_states == "host" else layerwise.SpillStore()
+        monkeypatch.setattr(layerwise, "states_store", lambda model, tokens, copies=2: store)
     model = tiny_model(family).double()
     reference = copy.deepcopy(model)
     adapter, ref = get_adapter(model), get_adapter(reference)
@@ -316,6 +318,42 @@ def _residual_refit_by_full_forwards(parent, model, plan, windows, damp):
                 ad.output_projection(key).weight.copy_(sol[:, :k])
                 if lin.bias is not None:
                     ad.output_projection(key).bias.copy_(sol[:, k])
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "phi", "gemma3"])
+def test_spilled_states_give_the_same_refit_bit_for_bit(family, monkeypatch):
+    """Block states kept in temporary files (a CPU run whose refit states pass the budget) give the refit of states
+    kept in memory exactly, for both refit targets and the unit errors, and leave no file behind."""
+    import os
+
+    import bonsai.baselines.layerwise as layerwise
+    from bonsai.prune.compensation import group_statistics
+
+    windows = torch.randint(0, 97, (6, 16), generator=torch.Generator().manual_seed(5))
+    results = {}
+    for spill in (False, True):
+        stores: list = []
+
+        def store(model, tokens, copies=2, stores=stores):
+            stores.append(layerwise.SpillStore())
+            return stores[-1]
+
+        if spill:
+            monkeypatch.setattr(layerwise, "states_store", store)
+        for target in ("own", "residual"):
+            model = tiny_model(family).double()
+            adapter = get_adapter(model)
+            stats, _ = group_statistics(model, adapter, adapter.groups(), windows, 4)
+            plan = {k: torch.arange(0, adapter.group_size(k), 2) for k in adapter.groups()}
+            remove_units(model, adapter, plan, windows, "lstsq", damp=0.01, batch_size=4, target=target)
+            with torch.no_grad():
+                results[spill, target] = (model(windows).logits, {k: v.unit_error for k, v in stats.items()})
+        if spill:
+            assert stores and all(os.listdir(s.directory) == [] for s in stores)
+    for target in ("own", "residual"):
+        assert torch.equal(results[True, target][0], results[False, target][0])
+        for k, v in results[False, target][1].items():
+            assert torch.equal(results[True, target][1][k], v)
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "phi", "granite"])

@@ -5,8 +5,8 @@ import torch
 from helpers import FAMILIES, tiny_model
 
 from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
-from bonsai.baselines.layerwise import (HOST_STATES_SHARE, block_outputs, block_statistics, capture_block_inputs,
-                                        states_store)
+from bonsai.baselines.layerwise import (HOST_STATES_SHARE, SpilledTensor, SpillStore, block_outputs, block_statistics,
+                                        capture_block_inputs, stash, states_store)
 from bonsai.reconstruct import GramStats
 
 pytestmark = pytest.mark.unit
@@ -43,7 +43,25 @@ def test_block_states_wait_in_host_memory_only_on_an_accelerator_and_when_large(
     limit = HOST_STATES_SHARE * model_bytes / (2 * 256 * 2)  # tokens at which two bf16 copies reach the share
     assert states_store(model, int(limit) - 1) is None
     assert states_store(model, int(limit) + 1) == torch.device("cpu")
-    assert states_store(tiny_model("llama"), 10**9) is None  # CPU model: no other memory to go to
+    cpu = tiny_model("llama")  # on the CPU, host memory is the memory: large states go to a temporary file
+    assert states_store(cpu, 8) is None
+    assert isinstance(states_store(cpu, 10**9), SpillStore)
+
+
+def test_spilled_states_come_back_bit_for_bit_and_their_files_go():
+    import os
+
+    store = SpillStore()
+    tensors = [torch.randn(3, 5, 7).to(dtype) for dtype in (torch.float32, torch.bfloat16, torch.float64)]
+    spilled = [stash(t, store) for t in tensors]
+    assert all(isinstance(s, SpilledTensor) for s in spilled) and len(os.listdir(store.directory)) == 3
+    for t, s in zip(tensors, spilled, strict=True):
+        assert torch.equal(s.to("cpu"), t) and s.to(torch.float64).dtype == torch.float64 and s.shape == t.shape
+    del spilled, s
+    assert os.listdir(store.directory) == []
+    directory = store.directory
+    del store
+    assert not os.path.exists(directory)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -156,6 +156,24 @@ def test_sequential_obs_is_the_greedy_joint_removal(width):
     assert float(marginal[0]) == pytest.approx(float(obs_unit_errors(W, hinv, width).min()), rel=1e-10)
 
 
+@pytest.mark.parametrize("block", [7, 64])
+def test_deferred_channel_path_equals_the_explicit_updates(block, monkeypatch):
+    """MLP channels take the path with deferred block updates; over many blocks it follows the explicit per-step
+    updates of W and H^-1: the same order, marginal errors and errors of the units left."""
+    import bonsai.prune.compensation as compensation
+
+    monkeypatch.setattr(compensation, "OBS_BLOCK", block)
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(900, 120, generator=g, dtype=torch.float64) @ torch.randn(120, 120, generator=g, dtype=torch.float64)
+    W = torch.randn(30, 120, generator=g, dtype=torch.float64)
+    hinv = damped_inverse(X.T @ X, 0.01)
+    order, marginal, rest = compensation._greedy_channels(W, hinv, 90)
+    order2, marginal2, rest2 = compensation._greedy_units(W, hinv, 1, 90)
+    assert order == order2
+    torch.testing.assert_close(marginal, marginal2, rtol=1e-8, atol=0)
+    torch.testing.assert_close(rest, rest2, rtol=1e-7, atol=1e-12 * float(rest2.max()))
+
+
 def test_unit_errors_of_a_layer_with_a_bias_are_the_errors_its_refit_leaves():
     """A layer with an output bias (Phi's fc2) is refit jointly with it, so each unit's error is on the covariance:
     up to the group's common residual scale, what an explicit slice-and-refit with the bias leaves."""

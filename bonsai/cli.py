@@ -118,6 +118,10 @@ def eval_cmd(
     from bonsai.models.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model, trust_remote_code)
+    from bonsai.data.windows import prepare_text, resolve_bos
+
+    for t in ppl_targets:  # before the model: the tokenizer's peak stays below the model's
+        prepare_text(tokenizer, t, split, special=resolve_bos(tokenizer, bos) is None)
     loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     results: dict = {"model": model, "perplexity": {}, "tasks": {}}
     for t in ppl_targets:
@@ -127,8 +131,6 @@ def eval_cmd(
         results["perplexity"][result["dataset"]] = result
     if tasks:
         from bonsai.eval.tasks import run_tasks
-
-        from bonsai.data.windows import resolve_bos
 
         add_bos = {"always": True, "never": False}.get(bos, True if resolve_bos(tokenizer, bos) is not None else None)
         results["tasks"] = run_tasks(loaded, tokenizer, tasks, manager, batch_size=batch_size, limit=limit,
@@ -574,15 +576,18 @@ def _print_estimate(run, cfg) -> None:
 
     cost = run.estimate()
     table = Table(title=f"cost of pruning {cfg.model} to {cfg.sparsity} ({cfg.selection} selection)")
-    for col in ("iterations", "sub-models / iter", "forward tokens", "s / token", "estimated time", "peak memory"):
+    for col in ("iterations", "sub-models / iter", "block tokens", "estimated time", "peak memory", "largest phase"):
         table.add_column(col, justify="right")
     hours = cost.seconds / 3600
-    table.add_row(str(cost.iterations), str(cost.sub_models_per_iteration), f"{cost.forward_tokens / 1e6:.2f}M",
-                  f"{cost.seconds_per_token:.2e}", f"{hours:.2f} h" if hours >= 1 else f"{cost.seconds / 60:.1f} min",
-                  f"{cost.peak_bytes / 2**30:.2f} GiB")
+    table.add_row(str(cost.iterations), str(cost.sub_models_per_iteration), f"{cost.block_tokens / 1e6:.2f}M",
+                  f"{hours:.2f} h" if hours >= 1 else f"{cost.seconds / 60:.1f} min",
+                  f"{cost.peak_bytes / 2**30:.2f} GiB", cost.peak_phase)
     console.print(table)
-    console.print(f"peak = timed forward of one batch ({cost.probe_peak_bytes / 2**30:.2f} GiB) + refit hidden states, "
-                  f"one Gram matrix and the compensation columns ({cost.extra_bytes / 2**30:.2f} GiB)")
+    console.print(f"peak = the model as loaded ({cost.base_bytes / 2**30:.2f} GiB) + its largest phase: "
+                  + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in cost.phase_bytes.items()) + " GiB; time: "
+                  f"{cost.seconds_per_block_token * 1e6:.1f} us a token through the blocks, "
+                  f"{cost.seconds_per_head_token * 1e6:.1f} us through the head"
+                  + (f", sequential OBS {cost.obs_seconds:.0f} s" if cost.obs_seconds else ""))
 
 
 def _print_baseline(report: dict, out: Path) -> None:

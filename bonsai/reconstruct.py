@@ -35,6 +35,7 @@ from bonsai.adapters.base import ATTENTION, MLP, ArchAdapter, GroupKey
 from bonsai.baselines.layerwise import as_rows
 from bonsai.errors import BonsaiError
 from bonsai.hooks import PreHooks
+from bonsai.runtime import release_memory
 
 RECONSTRUCT_MODES = ("lstsq", "bias", "none")
 REFIT_TARGETS = ("own", "residual")
@@ -345,6 +346,7 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
             del stats
         if i < last:
             inputs.hidden = block_outputs(block, inputs)
+        release_memory()  # what this block's refit freed goes back before the next block's
         if task is not None:
             progress.advance(task)
         if on_block is not None:
@@ -416,6 +418,7 @@ def _refit_to_residual(model: nn.Module, adapter: ArchAdapter, todo: dict[GroupK
             inputs.hidden = outputs_of(block, inputs.hidden, kwargs, store)
         reference = ref_next
         del ref_attention, ref_mlp
+        release_memory()  # what this block's refit freed goes back before the next block's
         if task is not None:
             progress.advance(task)
         if on_block is not None:

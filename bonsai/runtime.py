@@ -53,6 +53,17 @@ def peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def current_memory(device: torch.device) -> int:
+    """Memory held now: allocated on a GPU, the process's resident memory on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_memory(device)
+
+
 def release_memory() -> None:
     """Give freed memory back to the system. glibc keeps what a process frees (tokenising a long text leaves
     400 MB behind, a phase's temporaries more), so each later phase would start that much higher; on Linux

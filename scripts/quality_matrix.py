@@ -75,7 +75,7 @@ def cell_id(model: str, variant: str, reconstruct: str, sparsity: float, seed: i
 
 
 def run_cell(model: str, variant: str, reconstruct: str, sparsity: float, seed: int, out: Path, extra: list[str],
-             tasks: bool, dtype: str | None, name: str) -> dict:
+             tasks: bool, dtype: str | None, name: str, eval_texts: list[str] | None = None) -> dict:
     spec = MODELS[model]
     folder = out / "runs" / cell_id(model, name, reconstruct, sparsity, seed)
     prune = [sys.executable, "-m", "bonsai", "prune", "--model", str(ROOT / spec["path"]), "--sparsity", str(sparsity),
@@ -98,7 +98,8 @@ def run_cell(model: str, variant: str, reconstruct: str, sparsity: float, seed: 
     report = json.loads((folder / "report.json").read_text())
     seconds = report["totals"].get("wall_seconds") or (time.time() - start)
     text, task = spec.get("text", "austen"), spec.get("task", TASK)
-    ev = [sys.executable, "-m", "bonsai", "eval", text + (f",{task}" if tasks else ""), "--model", str(folder),
+    texts = [text] + [t for t in (eval_texts or []) if t != text]
+    ev = [sys.executable, "-m", "bonsai", "eval", ",".join(texts) + (f",{task}" if tasks else ""), "--model", str(folder),
           *spec["eval"], "--json", str(folder / "eval.json")]
     if tasks:
         ev += ["--include-path", str(ROOT / "tests" / "tasks")]
@@ -106,10 +107,13 @@ def run_cell(model: str, variant: str, reconstruct: str, sparsity: float, seed: 
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(ev)}\n{done.stderr[-2000:]}")
     result = json.loads((folder / "eval.json").read_text())
-    ppl = result["perplexity"][text]["ppl"] if "perplexity" in result else result["ppl"]
+    by_text = ({_text_name(t): result["perplexity"][_text_name(t)]["ppl"] for t in texts} if "perplexity" in result
+               else {_text_name(text): result["ppl"]})
+    ppl = by_text[_text_name(text)]
     acc = result.get("tasks", {}).get(task, {}).get("acc") if tasks else None
     totals = report["totals"]
     return dict(model=model, variant=variant, reconstruct=reconstruct, sparsity=sparsity, seed=seed, ppl=ppl, acc=acc,
+                ppl_by_text=by_text,
                 prune_seconds=seconds, sparsity_reached=totals["sparsity"], extra=extra,
                 sub_models=sum(h.get("sub_models") or 0 for h in report.get("iterations", [])),
                 attention_units=report.get("attention_units") or (report["iterations"][-1]["attention_units"]
@@ -118,13 +122,48 @@ def run_cell(model: str, variant: str, reconstruct: str, sparsity: float, seed: 
                                                       if report.get("iterations") else None))
 
 
-def parent_ppl(model: str, out: Path) -> float:
-    cache = out / f"parent-{model}.json"
+def _text_name(target: str) -> str:
+    """The name `bonsai eval` files a text's perplexity under (a local file: its file name)."""
+    return Path(target).name if ("/" in target or target.endswith((".txt", ".gz", ".jsonl"))) else target
+
+
+def parent_ppl(model: str, out: Path, text: str | None = None) -> float:
+    spec = MODELS[model]
+    text = text or spec.get("text", "austen")
+    suffix = "" if text == spec.get("text", "austen") else "-" + _text_name(text).replace(".", "_")
+    cache = out / f"parent-{model}{suffix}.json"
     if not cache.exists():
-        spec = MODELS[model]
-        subprocess.run([sys.executable, "-m", "bonsai", "eval", spec.get("text", "austen"), "--model", str(ROOT / spec["path"]), *spec["eval"],
+        subprocess.run([sys.executable, "-m", "bonsai", "eval", text, "--model", str(ROOT / spec["path"]), *spec["eval"],
                         "--json", str(cache)], check=True, capture_output=True, cwd=ROOT)
     return json.loads(cache.read_text())["ppl"]
+
+
+def cross_text_report(results: list[dict], out: Path, model: str, texts: list[str]) -> str:
+    """Per calibration text (the tag) and method: held-out perplexity on each text, mean +- std over seeds, and its
+    ratio to the parent's and to the better baseline's with the same calibration."""
+    names = [_text_name(t) for t in texts]
+    parents = {n: parent_ppl(model, out, t) for n, t in zip(names, texts, strict=True)}
+    rows = [r for r in results if r["model"] == model and r.get("ppl_by_text")]
+    lines = [f"### {model}: calibrated on one text, tested on others (parent: "
+             + ", ".join(f"{n} {p:.2f}" for n, p in parents.items()) + ")", "",
+             "| calibration | method | sparsity | seeds | " + " | ".join(f"{n} ppl (x parent, x best baseline)" for n in names) + " |",
+             "|---|---|---|---|" + "---|" * len(names)]
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if all(n in r["ppl_by_text"] for n in names):
+            extra = r.get("extra") or []
+            calib = _text_name(extra[extra.index("--calib") + 1]) if "--calib" in extra else "austen"
+            cells.setdefault((calib, r["variant"], r["sparsity"]), []).append(r)
+    for (calib, variant, sp), rs in sorted(cells.items()):
+        parts = []
+        for n in names:
+            vals = [r["ppl_by_text"][n] for r in rs]
+            base = [statistics.mean(x["ppl_by_text"][n] for x in cells[(calib, b, sp)])
+                    for b in [v for (c, v, s) in cells if c == calib and s == sp and v.startswith(BASELINES)]]
+            best = f", {statistics.mean(vals) / min(base):.2f}" if base else ""
+            parts.append(f"{fmt(vals)} ({statistics.mean(vals) / parents[n]:.2f}{best})")
+        lines.append(f"| {calib} | {variant} | {sp:g} | {len(rs)} | " + " | ".join(parts) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def load_results(path: Path) -> list[dict]:
@@ -182,6 +221,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
     p.add_argument("--report", type=Path, default=None, help="write the markdown table here too")
     p.add_argument("--report-only", action="store_true", help="only print the table of what results.jsonl holds")
+    p.add_argument("--eval-texts", default="", help="also evaluate every cell on these texts (comma-separated: kjv, "
+                                                    "austen, a local file) and print the cross-text table")
     args = p.parse_args()
     models = args.models.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -205,7 +246,8 @@ def main() -> None:
                             continue
                         base = variant
                         try:
-                            row = run_cell(model, base, recon, sp, seed, args.out, extra, args.tasks, args.dtype, name)
+                            row = run_cell(model, base, recon, sp, seed, args.out, extra, args.tasks, args.dtype, name,
+                                           [t for t in args.eval_texts.split(",") if t])
                         except RuntimeError as exc:
                             print(f"FAILED {cell_id(model, name, recon, sp, seed)}: {exc}", flush=True)
                             continue
@@ -216,6 +258,9 @@ def main() -> None:
                         print(f"{cell_id(model, name, recon, sp, seed)}: ppl {row['ppl']:.2f} ({row['prune_seconds']:.0f}s)",
                               flush=True)
     table = report(results, args.out, models)
+    if args.eval_texts:
+        texts = [t for t in args.eval_texts.split(",") if t]
+        table += "\n" + "\n".join(cross_text_report(results, args.out, m, texts) for m in models)
     print(table)
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)

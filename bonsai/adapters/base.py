@@ -156,11 +156,14 @@ class ArchAdapter(ABC):
                 attrs[name] = value
         return attrs
 
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits from final hidden states (after the final norm), exactly as the model's own forward
-        computes them after its decoder: the head, then whatever the family does to its output (soft-capping,
-        scaling). Lets a loss over a large vocabulary be taken a chunk of positions at a time."""
-        return self.model.get_output_embeddings()(hidden)
+    def head_logits(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Next-token logits of the vocabulary entries start..stop-1 from final hidden states (after the final norm),
+        exactly as the model's own forward computes them after its decoder: the head, then whatever the family does
+        to its output, entry by entry (soft-capping, scaling). Lets a loss over a large vocabulary be taken a slice
+        of it at a time (`bonsai.logits`)."""
+        head = self.model.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        return torch.nn.functional.linear(hidden, head.weight[start:stop], None if bias is None else bias[start:stop])
 
     # ---- generic, built on the above ---------------------------------------------------------
     @property

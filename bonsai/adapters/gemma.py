@@ -33,8 +33,8 @@ class Gemma2Adapter(LlamaAdapter):
     model_types = ("gemma2",)
     causal_lm_class = "Gemma2ForCausalLM"
 
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _soft_capped(super().head_logits(hidden), self.model.config.final_logit_softcapping)
+    def head_logits(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return _soft_capped(super().head_logits(hidden, start, stop), self.model.config.final_logit_softcapping)
 
     def residual_scale(self, layer: int) -> float | None:
         return None  # the norms after attention and MLP act on the projections' outputs
@@ -45,8 +45,9 @@ class Gemma3TextAdapter(LlamaAdapter):
     model_types = ("gemma3_text",)
     causal_lm_class = "Gemma3ForCausalLM"
 
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _soft_capped(super().head_logits(hidden), getattr(self.model.config, "final_logit_softcapping", None))
+    def head_logits(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return _soft_capped(super().head_logits(hidden, start, stop),
+                            getattr(self.model.config, "final_logit_softcapping", None))
 
     def residual_scale(self, layer: int) -> float | None:
         return None  # the norms after attention and MLP act on the projections' outputs

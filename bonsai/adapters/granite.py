@@ -17,8 +17,8 @@ class GraniteAdapter(LlamaAdapter):
     model_types = ("granite",)
     causal_lm_class = "GraniteForCausalLM"
 
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return super().head_logits(hidden) / self.model.config.logits_scaling
+    def head_logits(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return super().head_logits(hidden, start, stop) / self.model.config.logits_scaling
 
     def residual_scale(self, layer: int) -> float | None:
         return float(self.model.config.residual_multiplier)

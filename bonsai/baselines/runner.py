@@ -54,6 +54,9 @@ class BaselineRun:
             else:
                 raise BonsaiError(f"output folder {self.out} already exists; pass --force to replace it")
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+        from bonsai.data.windows import prepare_text
+
+        prepare_text(self.tokenizer, cfg.calib)  # before the model: the tokenizer's peak stays below the model's
         self.model = model if model is not None else load_model(cfg.model, dtype=cfg.dtype,
                                                                  device=str(resolve_device(cfg.device)),
                                                                  device_map=cfg.device_map)

@@ -64,17 +64,23 @@ def topk_kl(student_logits: torch.Tensor, teacher: TopK, direction: str = "forwa
     """Per-position KL on the coarsened support (shape = student_logits.shape[:-1]), in float32."""
     if direction not in KL_DIRECTIONS:
         raise ValueError(f"unknown KL direction {direction!r}")
-    t = normalised(teacher)
-    ids = t.ids.long()
+    ids = teacher.ids.long()
     logq = torch.log_softmax(student_logits.float(), dim=-1)
-    q_top = logq.gather(-1, ids)
+    whole = ids.shape[-1] == logq.shape[-1]  # the support is the whole vocabulary: no tail (no -inf gradients)
+    return coarse_kl(teacher, logq.gather(-1, ids), None if whole else _log_rest(logq, ids), direction)
+
+
+def coarse_kl(teacher: TopK, q_top: torch.Tensor, q_tail: torch.Tensor | None, direction: str = "forward"
+              ) -> torch.Tensor:
+    """The KL of `topk_kl` from the student's log-probabilities of the teacher's top-k tokens and the log of its
+    mass outside them (None: the top-k is the whole vocabulary)."""
+    t = normalised(teacher)
     if direction == "forward":
         kl = _plogp_diff(t.logprobs, q_top).sum(-1)
     else:
         kl = _plogp_diff(q_top, t.logprobs).sum(-1)
-    if ids.shape[-1] == logq.shape[-1]:
-        return kl  # the support is the whole vocabulary: no tail (and no -inf gradients through it)
-    q_tail = _log_rest(logq, ids)
+    if q_tail is None:
+        return kl
     if direction == "forward":
         return kl + _plogp_diff(t.tail, q_tail)
     return kl + _plogp_diff(q_tail, t.tail)

@@ -29,6 +29,7 @@ from torch import nn
 from bonsai.adapters.base import ATTENTION, MLP, ArchAdapter, GroupKey
 from bonsai.errors import BonsaiError
 from bonsai.reconstruct import DEFAULT_DAMP, GramStats, damp_scale, gram_dtype
+from bonsai.runtime import release_memory
 
 
 # per group: (H^-1[:, C], C, mean input or None), see group_statistics and CompensatedMasks
@@ -60,14 +61,19 @@ def damped_inverse(gram: torch.Tensor, damp: float, scale: float | None = None) 
     if scale is None:
         scale = float(gram.diagonal().mean()) if n else 1.0
     scale = scale if scale > 0 else 1.0
-    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
     d = damp
+
+    def damped(amount: float) -> torch.Tensor:
+        h = gram.clone()
+        h.diagonal().add_(amount)
+        return h
+
     for _ in range(8):
-        factor, info = torch.linalg.cholesky_ex(gram + d * scale * eye)
+        factor, info = torch.linalg.cholesky_ex(damped(d * scale))
         if int(info) == 0:
             return torch.cholesky_inverse(factor)
         d = max(d * 10, 1e-6)
-    return torch.linalg.pinv(gram + d * scale * eye)
+    return torch.linalg.pinv(damped(d * scale))
 
 
 def obs_unit_errors(weight: torch.Tensor, hinv: torch.Tensor, width: int) -> torch.Tensor:
@@ -161,10 +167,12 @@ def _greedy_channels(weight: torch.Tensor, hinv: torch.Tensor, steps: int) -> tu
 
     def flush() -> None:
         nonlocal k, d, c
-        if k:
+        if k:  # in place: no n x n temporaries (three of them were a third of Gemma-3-270M's memory budget)
             Uk, Gk = U[:, :k], G[:, :k]
-            H.sub_(Uk @ Uk.t())
-            K.sub_(Uk @ Gk.t() + Gk @ Uk.t() - (Uk * q[:k]) @ Uk.t())
+            H.addmm_(Uk, Uk.t(), alpha=-1.0)
+            K.addmm_(Uk, Gk.t(), alpha=-1.0)
+            K.addmm_(Gk, Uk.t(), alpha=-1.0)
+            K.addmm_(Uk * q[:k], Uk.t())
             d, c = H.diagonal().clone(), K.diagonal().clone()  # back in step with the matrices (no drift)
         k = 0
 
@@ -301,6 +309,7 @@ def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupK
             if key.layer == i and key not in stats:
                 stats[key] = GroupStats(unit_error=torch.zeros(0, dtype=torch.float64))
         inputs.hidden = outputs
+        release_memory()  # what this block's statistics freed goes back before the next block's
         if task is not None:
             progress.advance(task)
     if task is not None:

@@ -1,52 +1,74 @@
-"""What a prune run will cost, before it starts: forward tokens, time from a timing probe, peak memory.
+"""What a prune run will cost, before it starts: time from timed passes, peak memory phase by phase.
 
-Per iteration a run spends, in forward-pass tokens (C: calibration tokens, R: refit tokens):
-  prior pass                       C
-  unit errors, block by block      R       (probe selection, the obs prior, or compensated sub-models)
-  sub-models                       n x C   (probe: 2 x layers x depths; paper: --samples)
-                                   a probe of layer i runs blocks i.. and the head only (`prune.prefix`): on
-                                   average (L+1)/2L of the blocks, plus one pass to advance the kept states
-  refit, block by block            3 x R   (2 x R for a parallel block; 0 with --reconstruct none)
-                                   4 x R with --refit-target residual: one pass of each block over the
-                                   reference stream (before its refit) beside the pruned stream's three
-A forward costs in proportion to the parameters left, which shrink by p_iter each iteration. The seconds per
-token come from timing one batch on the actual device and dtype; the Gram solves (milliseconds to a second
-per layer) and the regression (paper selection) are left out.
+Time. A token costs its pass through the blocks and, where a loss is taken, through the head; the two are timed
+apart on the actual device and dtype (a pass that stops before the head, `logits_to_keep=1`, and one scored by
+the chunked head of `bonsai.logits`), since a large vocabulary makes the head most of a forward (Gemma-3-270M:
+168M of its 268M parameters). Per iteration, in tokens (C: calibration, R: refit):
+  prior pass                 C through the blocks and the head
+  unit errors                R through the blocks, plus sequential OBS (its matrix products, timed)
+  sub-models                 n x C: a probe of layer i runs blocks i.. and the head (`prune.prefix`), on average
+                             (L+1)/2L of the blocks, plus one pass of C to advance the kept states
+  refit                      3 x R through the blocks (2 x R for a parallel block; 0 with --reconstruct none),
+                             4 x R with --refit-target residual (one pass over the reference stream)
+The blocks' share shrinks as the model does (by p_iter a step); the Gram solves and the regression are left out.
+
+Memory. The model as loaded and touched, then the largest of what each phase adds: the scored batch (its
+activations and one chunk of logits, measured), one layer's Gram matrix and its inverse, the block states
+(or two batches of them where they wait outside, `layerwise.states_store`), the candidates' columns of each
+H^-1 (host memory; on a CPU at most HOST_STATES_SHARE of the model before they go to a file) and the probes'
+corrections.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from bonsai.baselines.layerwise import states_store
-from bonsai.prune.compensation import CORRECTION_CACHE_BYTES
+from bonsai.baselines.layerwise import HOST_STATES_SHARE, states_store
+from bonsai.prune.compensation import CORRECTION_CACHE_BYTES, CORRECTION_CACHE_SHARE, OBS_BLOCK
 from bonsai.prune.config import PruneConfig
-from bonsai.reconstruct import refit_windows, widest_projection
+from bonsai.reconstruct import gram_dtype, refit_windows, widest_projection
+from bonsai.runtime import current_memory, peak_memory, release_memory, reset_peak_memory
 
 
 @dataclass
 class CostEstimate:
     iterations: int
     sub_models_per_iteration: int
-    forward_tokens: float  # parameter-weighted: a token through the pruned model counts as its fraction
-    seconds_per_token: float
-    seconds: float
-    probe_peak_bytes: int
-    extra_bytes: int  # beyond the probe batch: refit hidden states, one Gram matrix, compensation columns
+    block_tokens: float  # tokens through the blocks, each counted by the share of block parameters left
+    head_tokens: float  # tokens through the head (scored)
+    seconds_per_block_token: float
+    seconds_per_head_token: float
+    obs_seconds: float  # sequential OBS, over the run
+    base_bytes: int  # the model loaded and touched
+    phase_bytes: dict[str, int] = field(default_factory=dict)  # what each phase adds at its peak
     at_most: bool = False  # adaptive sampling: the sub-models (and the time) are a maximum
 
     @property
+    def seconds(self) -> float:
+        return (self.block_tokens * self.seconds_per_block_token + self.head_tokens * self.seconds_per_head_token
+                + self.obs_seconds)
+
+    @property
+    def forward_tokens(self) -> float:
+        """Tokens through the blocks (what the run's time mostly scales with)."""
+        return self.block_tokens
+
+    @property
     def peak_bytes(self) -> int:
-        return self.probe_peak_bytes + self.extra_bytes
+        return self.base_bytes + max(self.phase_bytes.values(), default=0)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phase_bytes, key=self.phase_bytes.get) if self.phase_bytes else "-"
 
     def line(self) -> str:
         most = "at most " if self.at_most else ""
         return (f"estimate: {self.iterations} iterations x {most}{self.sub_models_per_iteration} sub-models, "
-                f"{self.forward_tokens / 1e6:.1f}M forward tokens, ~{most}{_duration(self.seconds)} on this device, "
-                f"peak memory ~{self.peak_bytes / 2**30:.1f} GiB")
+                f"{self.block_tokens / 1e6:.1f}M block tokens, ~{most}{_duration(self.seconds)} on this device, "
+                f"peak memory ~{self.peak_bytes / 2**30:.1f} GiB ({self.peak_phase})")
 
 
 def _duration(seconds: float) -> str:
@@ -63,25 +85,60 @@ def sub_models_per_iteration(cfg: PruneConfig, num_groups: int) -> int:
     return num_groups * cfg.probe_depths if cfg.selection == "probe" else cfg.samples
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _obs_seconds(adapter, groups, cfg: PruneConfig, device: torch.device, unit_p_iter: float) -> float:
+    """Sequential OBS of every MLP group, per iteration: K = W^T W (2 n^2 out) and the deferred updates (about
+    8 n^2 per step), at the rate of a matrix product of that shape timed here."""
+    if not cfg.sequential_obs:
+        return 0.0
+    dtype = gram_dtype(device)
+    m = 512
+    a, b = torch.randn(m, OBS_BLOCK, dtype=dtype, device=device), torch.randn(OBS_BLOCK, m, dtype=dtype, device=device)
+    a @ b  # warm-up
+    rate = 2 * m * m * OBS_BLOCK * 4 / max(_timed(lambda: [a @ b for _ in range(4)], device), 1e-9)  # flop/s
+    flops = 0.0
+    for key in groups:
+        if adapter.unit_width(key) != 1:
+            continue  # key/value groups: a few units, a few small solves
+        n, out = adapter.group_size(key), adapter.output_projection(key).out_features
+        steps = min(n, int(cfg.candidate_multiple * unit_p_iter * n + 1))
+        flops += 2.0 * n * n * out + 8.0 * n * n * steps
+    return flops / rate
+
+
 @torch.no_grad()
-def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: int, parallel_block: bool) -> CostEstimate:
-    """Time one calibration batch (after a warm-up) and extrapolate to the whole run."""
+def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: int, parallel_block: bool,
+             unit_p_iter: float | None = None) -> CostEstimate:
+    """Time and measure one batch through the blocks and through the scored head, and extrapolate to the run."""
+    from bonsai.logits import ChunkedHead
+
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
-    batch = torch.randint(0, vocab, (cfg.batch_size, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model(batch[:1, : min(seqlen, 16)], use_cache=False)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    model(batch, use_cache=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds_per_token = (time.perf_counter() - start) / batch.numel()
-    from bonsai.runtime import peak_memory
+    B = cfg.batch_size
+    batch = torch.randint(0, vocab, (B, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
+    model(batch[:1, : min(seqlen, 16)], use_cache=False, logits_to_keep=1)  # warm-up: every weight touched once
+    release_memory()
+    base = current_memory(device)
+    t_blocks = _timed(lambda: model(batch, use_cache=False, logits_to_keep=1), device)
+    head = ChunkedHead(model)
+    reset_peak_memory(device)
+    t_scored = _timed(lambda: head.nll(batch), device)
+    scored = max(0, peak_memory(device) - base)  # one scored batch: activations and a chunk of logits
+    per_block = t_blocks / batch.numel()
+    per_head = max(0.0, t_scored - t_blocks) / batch.numel()
 
-    probe_peak = peak_memory(device)
     C = cfg.calib_samples * seqlen
     widest = widest_projection(adapter, groups)
     R = refit_windows(cfg.reconstruct_samples, cfg.calib_samples, widest, seqlen) * seqlen
@@ -89,33 +146,46 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
     gram = cfg.selection == "probe" or cfg.prior == "obs" or (cfg.compensate and n_sub)
     residual = cfg.refit_target == "residual" and cfg.reconstruct == "lstsq" and adapter.residual_scale(0) is not None
     refit = 0 if cfg.reconstruct == "none" else (2 if parallel_block else 3) + (1 if residual else 0)
-    probe_share, advance = 1.0, 0
+    probe_blocks, advance = 1.0, 0
     if cfg.selection == "probe" and n_sub:  # each probe starts at its own block
-        layers, head = adapter.num_layers, vocab * model.config.hidden_size
-        blocks = adapter.block_parameters()
-        probe_share = (head + blocks * (layers + 1) / (2 * layers)) / (head + blocks)
-        advance = C
-    tokens = 0.0
+        layers = adapter.num_layers
+        probe_blocks, advance = (layers + 1) / (2 * layers), C
+    block_tokens = head_tokens = 0.0
     for t in range(iterations):
         left = 1.0 - cfg.sparsity * t / iterations  # the share of block parameters still there
-        tokens += left * (C + (R if gram else 0) + n_sub * C * probe_share + advance + refit * R)
+        block_tokens += left * (C + (R if gram else 0) + n_sub * C * probe_blocks + advance + refit * R)
+        head_tokens += C + n_sub * C
+    obs = iterations * _obs_seconds(adapter, groups, cfg, device, unit_p_iter or cfg.p_iter) if gram else 0.0
+
+    # memory each phase adds to the loaded model
     dtype_bytes = next(model.parameters()).element_size()
-    gram_bytes = 2 * widest * widest * (8 if device.type == "cpu" else 4)
+    gram_element = torch.finfo(gram_dtype(device)).bits // 8
+    gram_bytes = widest * widest * gram_element
     hidden = model.config.hidden_size
-    # a block's input and output states over the refit windows; in host memory when large on an accelerator,
-    # with one batch in and out on the device
-    # the residual target keeps the reference stream's states, its next states and its two projections' outputs
-    copies = 6 if residual else 2
-    on_device = R if states_store(model, R, copies) is None else cfg.batch_size * seqlen
-    states = copies * on_device * hidden * dtype_bytes if (gram or refit) else 0
-    states += advance * hidden * dtype_bytes  # the probes' kept states
-    comp = 0
-    if cfg.compensate and n_sub:  # the candidates' columns of each H^-1 (host memory) and the probes' corrections
-        share = min(1.0, cfg.candidate_multiple * cfg.p_iter)
-        columns = [adapter.output_projection(k).in_features ** 2 * share * (8 if device.type == "cpu" else 4)
-                   for k in groups]
-        # on an accelerator only the probe in flight's columns and the bounded cache are there
-        comp = sum(columns) if device.type == "cpu" else min(sum(columns), max(columns) + CORRECTION_CACHE_BYTES)
-    return CostEstimate(iterations=iterations, sub_models_per_iteration=n_sub, forward_tokens=tokens, at_most=cfg.adaptive,
-                        seconds_per_token=seconds_per_token, seconds=tokens * seconds_per_token,
-                        probe_peak_bytes=probe_peak, extra_bytes=int(gram_bytes + states + comp))
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def states(copies: int) -> int:  # block states over the refit windows, or two batches where they wait outside
+        on_device = R if states_store(model, R, copies) is None else 2 * B * seqlen
+        return copies * on_device * hidden * dtype_bytes
+
+    columns = 0
+    cache = 0
+    if cfg.compensate and n_sub:  # the candidates' columns of each H^-1 and the probes' corrections
+        share = min(1.0, cfg.candidate_multiple * (unit_p_iter or cfg.p_iter))
+        sizes = [adapter.output_projection(k).in_features ** 2 * share * gram_element for k in groups]
+        # host memory on an accelerator (one group's columns on the device at a time); a file past the budget on a CPU
+        columns = int(min(sum(sizes), HOST_STATES_SHARE * model_bytes)) if device.type == "cpu" else int(max(sizes))
+        biggest = max(adapter.output_projection(k).in_features for k in groups) ** 2 * share * 4
+        cache = int(max(biggest, min(CORRECTION_CACHE_BYTES, CORRECTION_CACHE_SHARE * model_bytes)))
+    reference = C * 64 * 12  # top-64 log-probabilities and ids per calibration token
+    phases = {"prior_pass": scored + reference}
+    if gram:
+        phases["unit_errors"] = scored // 2 + 5 * gram_bytes + states(2) + columns
+    if n_sub:
+        phases["sub_models"] = scored + columns + cache + reference + advance * hidden * dtype_bytes
+    if refit:
+        phases["reconstruction"] = scored // 2 + 3 * gram_bytes + states(6 if residual else 2)
+    return CostEstimate(iterations=iterations, sub_models_per_iteration=n_sub, block_tokens=block_tokens,
+                        head_tokens=head_tokens, seconds_per_block_token=per_block, seconds_per_head_token=per_head,
+                        obs_seconds=obs, base_bytes=base, phase_bytes={k: int(v) for k, v in phases.items()},
+                        at_most=cfg.adaptive)

@@ -108,6 +108,9 @@ class PruneRun:
         from bonsai.models.loading import load_model, load_tokenizer
 
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+        from bonsai.data.windows import prepare_text
+
+        prepare_text(self.tokenizer, cfg.calib)  # before the model: the tokenizer's peak stays below the model's
         self.model = model if model is not None else load_model(cfg.model, dtype=cfg.dtype,
                                                                  device=self.dist.device(cfg.device),
                                                                  device_map=cfg.device_map)
@@ -217,7 +220,7 @@ class PruneRun:
         from bonsai.prune.cost import estimate
 
         return estimate(self.cfg, self.model, self.adapter, self.groups, self.seqlen, self.budget.iterations,
-                        self.adapter.parallel_block)
+                        self.adapter.parallel_block, unit_p_iter=self.budget.unit_p_iter)
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
@@ -238,6 +241,8 @@ class PruneRun:
         if self.dist.is_main and not self.resuming:
             cost = self.estimate()
             console.print(cost.line())
+            self._estimate = {"seconds": cost.seconds, "peak_memory_bytes": cost.peak_bytes, "base_bytes": cost.base_bytes,
+                              "phase_bytes": cost.phase_bytes}
         t0 = time.time()
         b = self.budget
         if self.resuming and self.dist.is_main:
@@ -733,6 +738,7 @@ class PruneRun:
             },
             "kept_units": state.kept,
             "emptied_groups": emptied_groups(state.history, b.initial_units),
+            "estimate": getattr(self, "_estimate", None),  # what the first line predicted (this process's start)
         }
 
     def _target_reached(self) -> bool:

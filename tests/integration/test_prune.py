@@ -414,8 +414,9 @@ def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, monkeypatch, capsy
 
 @pytest.mark.parametrize("target,refit_passes", [("own", 3), ("residual", 4)])
 def test_cost_model_counts_the_forward_tokens(target, refit_passes):
-    """The refit runs each block to its two output projections and whole (3 x R); the residual target adds one
-    pass over the reference stream (4 x R)."""
+    """Tokens through the blocks and through the head, apart: the refit runs each block to its two output
+    projections and whole (3 x R); the residual target adds one pass over the reference stream (4 x R); a probe of
+    layer i runs blocks i.. and the head, the refit and the unit errors the blocks alone."""
     from bonsai.adapters import get_adapter
     from bonsai.prune.cost import estimate
 
@@ -424,18 +425,19 @@ def test_cost_model_counts_the_forward_tokens(target, refit_passes):
     model = load_model("tiny", device="cpu", dtype="float32")
     adapter = get_adapter(model)
     cost = estimate(cfg, model, adapter, adapter.groups(), 64, 3, False)
-    C, R, n = 8 * 64, 16 * 64, 12  # probe: one sub-model per group
-    # a probe of layer i runs blocks i.. (L - i of L) and the head; one more pass advances the kept states
-    L, head = 6, model.config.vocab_size * model.config.hidden_size
-    blocks = sum(p.numel() for p in model.model.layers.parameters())
-    share = (head + blocks * sum((L - i) / L for i in range(L)) / L) / (head + blocks)
+    C, R, n, L = 8 * 64, 16 * 64, 12, 6  # probe: one sub-model per group
+    share = sum((L - i) / L for i in range(L)) / L  # blocks i.. of L, on average; one more pass advances the states
     expect = sum((1 - 0.3 * t / 3) * (C + R + n * C * share + C + refit_passes * R) for t in range(3))
-    assert cost.sub_models_per_iteration == 12 and cost.forward_tokens == pytest.approx(expect)
-    assert cost.seconds == pytest.approx(cost.forward_tokens * cost.seconds_per_token)
+    assert cost.sub_models_per_iteration == 12 and cost.block_tokens == pytest.approx(expect)
+    assert cost.head_tokens == pytest.approx(3 * (C + n * C))
+    assert cost.seconds == pytest.approx(cost.block_tokens * cost.seconds_per_block_token
+                                         + cost.head_tokens * cost.seconds_per_head_token + cost.obs_seconds)
+    assert cost.obs_seconds > 0 and set(cost.phase_bytes) == {"prior_pass", "unit_errors", "sub_models", "reconstruction"}
     paper = PruneConfig(model="tiny", sparsity=0.3, p_iter=0.1, calib_samples=8, seqlen=64, samples=20, selection="paper",
                         prior="wanda", compensate=False, reconstruct="none", adaptive=False).validate()
     cost = estimate(paper, model, adapter, adapter.groups(), 64, 3, False)
-    assert cost.forward_tokens == pytest.approx(sum((1 - 0.3 * t / 3) * (C + 20 * C) for t in range(3)))
+    assert cost.block_tokens == pytest.approx(sum((1 - 0.3 * t / 3) * (C + 20 * C) for t in range(3)))
+    assert cost.head_tokens == pytest.approx(3 * 21 * C) and cost.obs_seconds == 0
 
 
 ADAPTIVE = ["--selection", "paper", "--prior", "wanda", "--no-compensate", "--utility", "loss", "--adaptive",

@@ -19,6 +19,22 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
+# prune --help panels
+RUN = 'The run'
+CALIB = 'Calibration'
+SELECT = 'Bonsai selection (default)'
+PAPER = 'Paper selection (--selection paper) and ablations'
+REFIT = 'Reconstruction (every structured method)'
+SHAPES = 'Serving shapes and units'
+BASELINES = 'Baselines (--method wanda | llm-pruner | besa | flap)'
+DEVICES = 'Devices and resume'
+
+
+def _option(panel: str, *args, **kwargs):
+    """A typer option shown under `panel` in --help (prune's options grouped by what they belong to)."""
+    return typer.Option(*args, rich_help_panel=panel, **kwargs)
+
+
 MODEL_HELP = "Model folder, Hugging Face id, or alias (see `bonsai models`; `tiny` is the shipped model)."
 
 
@@ -246,111 +262,124 @@ def _print_bench(result: dict) -> None:
 
 @app.command("prune")
 def prune_cmd(
-    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    sparsity: float | None = typer.Option(None, help="Fraction of transformer-block parameters to remove, in (0,1)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (pruned model, report.json, report.png, state)."),
-    config: str | None = typer.Option(None, help="YAML preset: a path or a name under configs/ (e.g. llama-2-7b)."),
-    method: str | None = typer.Option(None, help="bonsai | prior-only | no-regression | random (paper Fig. 2) | "
+    model: str | None = _option(RUN, None, "--model", "-m", help=MODEL_HELP),
+    sparsity: float | None = _option(RUN, None, help="Fraction of transformer-block parameters to remove, in (0,1)."),
+    out: Path = _option(RUN, ..., "--out", "-o", help="Output folder (pruned model, report.json, report.png, state)."),
+    config: str | None = _option(RUN, None, help="YAML preset: a path or a shipped preset (llama-2-7b, tiny, ...)."),
+    method: str | None = _option(RUN, None, help="bonsai | prior-only | no-regression | random (paper Fig. 2) | "
                                                  "baselines: wanda | llm-pruner | besa | flap."),
-    prior: str | None = typer.Option(None, help="obs (default: each unit's error after the run's refit, "
+    seed: int | None = _option(RUN, None, help="Random seed (same seed, same model)."),
+    force: bool = _option(RUN, False, "--force", help="Replace an existing output folder."),
+    quiet: bool = _option(RUN, False, "--quiet", help="No progress, tables or notes: warnings, errors and the result only."),
+    log_json: bool = _option(RUN, False, "--log-json", help="One JSON line on stdout per finished iteration (its "
+                                                            "report.json entry) and one with the run's totals; "
+                                                            "nothing else on stdout."),
+    dry_run: bool = _option(RUN, False, "--dry-run", help="Print the run's cost (iterations, sub-models, forward "
+                                                          "tokens, time from a timing probe, peak memory) and stop."),
+    calib: str | None = _option(CALIB, None, help="Calibration data: wikitext2, c4, kjv, austen or a local file; "
+                                                "several joined by + are mixed (austen+kjv)."),
+    calib_samples: int | None = _option(CALIB, None, "--calib-samples", help="Calibration windows (default 32)."),
+    seqlen: int | None = _option(CALIB, None, help="Calibration window length (default 2048 capped at max positions)."),
+    bos: str | None = _option(CALIB, None, help=BOS_HELP),
+    batch_size: int | None = _option(CALIB, None, "--batch-size", "-b", help="Rows per forward pass (rows may mix sub-models)."),
+    prior: str | None = _option(SELECT, None, help="obs (default: each unit's error after the run's refit, "
                                                 "relative to the residual stream) | wanda | activation | magnitude | "
                                                 "uniform (paper Fig. 3)."),
-    p_iter: float | None = typer.Option(None, "--p-iter", help="Fraction pruned per iteration (default: 0.3 for bonsai's "
+    p_iter: float | None = _option(SELECT, None, "--p-iter", help="Fraction pruned per iteration (default: 0.3 for bonsai's "
                                                               "probe selection, 0.1 for it with --reconstruct none, the "
                                                               "paper's 0.05 otherwise)."),
-    samples: int | None = typer.Option(None, help="paper selection: sub-models evaluated per iteration (default 200)."),
-    probe_depths: int | None = typer.Option(None, "--probe-depths",
+    probe_depths: int | None = _option(SELECT, None, "--probe-depths",
                                             help="probe selection: depths probed per layer group (default 1: one "
                                                  "sub-model per group, 2L per iteration)."),
-    candidate_multiple: float | None = typer.Option(None, "--candidate-multiple",
+    candidate_multiple: float | None = _option(SELECT, None, "--candidate-multiple",
                                                     help="Candidates per layer group and iteration: the lowest "
                                                          "multiple x p_iter of its units by prior (default 2, the "
                                                          "paper's; the rest are fixed)."),
-    adaptive: bool | None = typer.Option(None, "--adaptive/--no-adaptive",
-                                         help="paper selection: evaluate sub-models in rounds and stop an iteration "
-                                              "once the units it would remove have settled (--samples the maximum; "
-                                              "default on with --selection paper, off in the paper-* presets)."),
-    adaptive_round: int | None = typer.Option(None, "--adaptive-round",
-                                              help="--adaptive: sub-models per round (even; default a tenth of "
-                                                   "--samples, at least 8)."),
-    adaptive_tol: float | None = typer.Option(None, "--adaptive-tol",
-                                              help="--adaptive: stop when at most this share of the parameters to "
-                                                   "remove changed since the last round (default 0.3)."),
-    calib: str | None = typer.Option(None, help="Calibration data: wikitext2, c4, kjv, austen or a local file."),
-    calib_samples: int | None = typer.Option(None, "--calib-samples", help="Calibration windows (default 32)."),
-    seqlen: int | None = typer.Option(None, help="Calibration window length (default 2048 capped at max positions)."),
-    bos: str | None = typer.Option(None, help=BOS_HELP),
-    batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Rows per forward pass (rows may mix sub-models)."),
-    regression: str | None = typer.Option(None, help="lasso (L1, default) | ridge (L2)."),
-    selection: str | None = typer.Option(None, help="probe (default): one sub-model per layer group, its measured "
+    selection: str | None = _option(SELECT, None, help="probe (default): one sub-model per layer group, its measured "
                                                     "cost spread over its units by their compensated errors | paper: "
                                                     "random unit masks, one regression coefficient per unit."),
-    compensate: bool | None = typer.Option(None, "--compensate/--no-compensate",
+    compensate: bool | None = _option(SELECT, None, "--compensate/--no-compensate",
                                            help="Evaluate sub-models with their dropped units compensated (the refit "
                                                 "to come; default with --reconstruct lstsq) instead of zeroed (the paper)."),
-    sequential_obs: bool | None = typer.Option(None, "--sequential-obs/--no-sequential-obs",
+    sequential_obs: bool | None = _option(SELECT, None, "--sequential-obs/--no-sequential-obs",
                                                help="Rank each group's candidates along their greedy joint removal "
                                                     "(sequential OBS: remove the cheapest, update, repeat) instead of "
                                                     "by each unit's compensated error alone (default with --prior obs, "
                                                     "--reconstruct lstsq and the probe selection)."),
-    utility: str | None = typer.Option(None, help="A sub-model's utility: kl (default: -KL from the current model's "
+    utility: str | None = _option(SELECT, None, help="A sub-model's utility: kl (default: -KL from the current model's "
                                                   "next-token distributions) | loss (-LM loss, the paper's)."),
-    width_multiple: int | None = typer.Option(None, "--width-multiple",
-                                              help="Keep every layer's MLP width a multiple of N (0 allowed): widths "
-                                                   "that tile and quantise well (llama.cpp K-quants need 256)."),
-    head_multiple: int | None = typer.Option(None, "--head-multiple",
-                                             help="Keep every layer's attention units (key/value groups) a multiple of N."),
-    allocation: str | None = typer.Option(None, help="global (per-layer sizes, default) | uniform (the same sizes in "
-                                                     "every layer: a stock config every engine loads)."),
-    split_probes: int | None = typer.Option(None, "--split-probes",
-                                            help="--allocation uniform with bonsai: measure the N least-cost "
-                                                 "attention/MLP splits as sub-models and keep the best (default 3; "
-                                                 "1: the scores alone decide)."),
-    per_parameter: bool | None = typer.Option(None, "--per-parameter/--per-unit",
+    samples: int | None = _option(PAPER, None, help="paper selection: sub-models evaluated per iteration (default 200)."),
+    adaptive: bool | None = _option(PAPER, None, "--adaptive/--no-adaptive",
+                                         help="paper selection: evaluate sub-models in rounds and stop an iteration "
+                                              "once the units it would remove have settled (--samples the maximum; "
+                                              "default on with --selection paper, off in the paper-* presets)."),
+    adaptive_round: int | None = _option(PAPER, None, "--adaptive-round",
+                                              help="--adaptive: sub-models per round (even; default a tenth of "
+                                                   "--samples, at least 8)."),
+    adaptive_tol: float | None = _option(PAPER, None, "--adaptive-tol",
+                                              help="--adaptive: stop when at most this share of the parameters to "
+                                                   "remove changed since the last round (default 0.3)."),
+    regression: str | None = _option(PAPER, None, help="lasso (L1, default) | ridge (L2)."),
+    per_parameter: bool | None = _option(PAPER, None, "--per-parameter/--per-unit",
                                               help="paper selection: rank units by coefficient per parameter."),
-    units: str | None = typer.Option(None, help="Unit kinds to prune: attention,mlp (default), attention or mlp."),
-    seed: int | None = typer.Option(None, help="Random seed (same seed, same model)."),
-    dtype: str | None = typer.Option(None, help="auto|float32|bfloat16|float16."),
-    device: str | None = typer.Option(None, help="auto|cpu|cuda|cuda:N."),
-    device_map: str | None = typer.Option(None, "--device-map",
-                                          help="accelerate placement (e.g. auto) for models larger than one device."),
-    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save state every N sub-models (default 10)."),
-    sparsity_type: str | None = typer.Option(None, "--sparsity-type", help="wanda: unstructured | 2:4 | 4:8."),
-    llmp_importance: str | None = typer.Option(None, "--llmp-importance",
-                                               help="llm-pruner: vector | element1 (default) | element2."),
-    llmp_aggregation: str | None = typer.Option(None, "--llmp-aggregation", help="llm-pruner: sum | prod | max | last."),
-    llmp_layer_start: int | None = typer.Option(None, "--llmp-layer-start", help="llm-pruner: first layer pruned."),
-    llmp_layer_end: int | None = typer.Option(None, "--llmp-layer-end", help="llm-pruner: layer after the last pruned."),
-    global_ranking: bool = typer.Option(False, "--global", help="llm-pruner: one global ranking instead of uniform."),
-    besa_granularity: str | None = typer.Option(None, "--besa-granularity", help="besa: row (default) | layer."),
-    besa_levels: int | None = typer.Option(None, "--besa-levels", help="besa: candidate sparsity levels D (100)."),
-    besa_epochs: int | None = typer.Option(None, "--besa-epochs", help="besa: epochs per block (1)."),
-    besa_lr: float | None = typer.Option(None, "--besa-lr", help="besa: learning rate of the sparsity logits (0.05)."),
-    besa_penalty: float | None = typer.Option(None, "--besa-penalty", help="besa: weight of the sparsity penalty (5)."),
-    besa_wbits: int | None = typer.Option(None, "--besa-wbits", help="besa: joint fake-quantisation to N bits."),
-    reconstruct: str | None = typer.Option(None, help="Refit after each removal (every structured method): lstsq "
+    reconstruct: str | None = _option(REFIT, None, help="Refit after each removal (every structured method): lstsq "
                                                       "(least-squares output projections, default) | bias (FLAP's) | none "
                                                       "(the paper's Bonsai)."),
-    reconstruct_damp: float | None = typer.Option(None, "--reconstruct-damp",
+    reconstruct_damp: float | None = _option(REFIT, None, "--reconstruct-damp",
                                                   help="lstsq damping, relative to the Gram matrix's mean diagonal (0.01)."),
-    reconstruct_samples: int | None = typer.Option(None, "--reconstruct-samples",
+    reconstruct_samples: int | None = _option(REFIT, None, "--reconstruct-samples",
                                                    help="Calibration windows for the refit and the compensation statistics "
                                                         "(default: 16 tokens per input column of the widest output "
                                                         "projection, at least --calib-samples)."),
-    refit_target: str | None = typer.Option(None, "--refit-target",
+    refit_target: str | None = _option(REFIT, None, "--refit-target",
                                             help="What lstsq fits each output projection to: residual (the residual "
                                                  "stream of the model before the removal, default; every block from "
                                                  "the first pruned one is refit) | own (its own output before it)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the run's cost (iterations, sub-models, forward "
-                                                          "tokens, time from a timing probe, peak memory) and stop."),
-    processes: int = typer.Option(1, "--processes", min=1,
+    width_multiple: int | None = _option(SHAPES, None, "--width-multiple",
+                                              help="Keep every layer's MLP width a multiple of N (0 allowed): widths "
+                                                   "that tile and quantise well (llama.cpp K-quants need 256)."),
+    head_multiple: int | None = _option(SHAPES, None, "--head-multiple",
+                                             help="Keep every layer's attention units (key/value groups) a multiple of N."),
+    allocation: str | None = _option(SHAPES, None, help="global (per-layer sizes, default) | uniform (the same sizes in "
+                                                     "every layer: a stock config every engine loads)."),
+    split_probes: int | None = _option(SHAPES, None, "--split-probes",
+                                            help="--allocation uniform with bonsai: measure the N least-cost "
+                                                 "attention/MLP splits as sub-models and keep the best (default 3; "
+                                                 "1: the scores alone decide)."),
+    units: str | None = _option(SHAPES, None, help="Unit kinds to prune: attention,mlp (default), attention or mlp."),
+    sparsity_type: str | None = _option(BASELINES, None, "--sparsity-type", help="wanda: unstructured | 2:4 | 4:8."),
+    llmp_importance: str | None = _option(BASELINES, None, "--llmp-importance",
+                                               help="llm-pruner: vector | element1 (default) | element2."),
+    llmp_aggregation: str | None = _option(BASELINES, None, "--llmp-aggregation", help="llm-pruner: sum | prod | max | last."),
+    llmp_layer_start: int | None = _option(BASELINES, None, "--llmp-layer-start", help="llm-pruner: first layer pruned."),
+    llmp_layer_end: int | None = _option(BASELINES, None, "--llmp-layer-end", help="llm-pruner: layer after the last pruned."),
+    global_ranking: bool = _option(BASELINES, False, "--global", help="llm-pruner: one global ranking instead of uniform."),
+    besa_granularity: str | None = _option(BASELINES, None, "--besa-granularity", help="besa: row (default) | layer."),
+    besa_levels: int | None = _option(BASELINES, None, "--besa-levels", help="besa: candidate sparsity levels D (100)."),
+    besa_epochs: int | None = _option(BASELINES, None, "--besa-epochs", help="besa: epochs per block (1)."),
+    besa_lr: float | None = _option(BASELINES, None, "--besa-lr", help="besa: learning rate of the sparsity logits (0.05)."),
+    besa_penalty: float | None = _option(BASELINES, None, "--besa-penalty", help="besa: weight of the sparsity penalty (5)."),
+    besa_wbits: int | None = _option(BASELINES, None, "--besa-wbits", help="besa: joint fake-quantisation to N bits."),
+    dtype: str | None = _option(DEVICES, None, help="auto|float32|bfloat16|float16."),
+    device: str | None = _option(DEVICES, None, help="auto|cpu|cuda|cuda:N."),
+    device_map: str | None = _option(DEVICES, None, "--device-map",
+                                          help="accelerate placement (e.g. auto) for models larger than one device."),
+    checkpoint_every: int | None = _option(DEVICES, None, "--checkpoint-every",
+                                           help="Save state every N sub-models (default 10)."),
+    processes: int = _option(DEVICES, 1, "--processes", min=1,
                                   help="Processes sharing the sub-model evaluations (one replica each; a GPU each "
                                        "when GPUs are used). Same as `accelerate launch --num_processes N -m bonsai prune`."),
 ) -> None:
     """Prune a model with Bonsai to the target sparsity; rerun the same command to resume."""
     import os
 
+    from bonsai.progress import console as err_console
+    from bonsai.progress import out_console
+
+    if quiet:
+        err_console.quiet = True
+    if quiet or log_json:
+        out_console.quiet = True  # stdout holds the JSON lines alone
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(processes)
     _quiet_transformers()
@@ -388,11 +417,17 @@ def prune_cmd(
 
             report = BaselineRun(cfg, out, force=force).run()
             _print_baseline(report, out)
+            if log_json:
+                _json_line({"totals": report["totals"], "out": str(out)})
             return
         run = PruneRun(cfg, out, force=force)
+        if log_json:
+            run.on_iteration = _json_line
         report = run.run()
     if run.dist.is_main:
         _print_prune(report, out)
+        if log_json:
+            _json_line({"totals": report["totals"], "out": str(out), "emptied_groups": report["emptied_groups"]})
     run.dist.close()
 
 
@@ -443,7 +478,7 @@ def finetune_cmd(
     teacher: str | None = typer.Option(None, help="The parent model, for distillation (needed unless --distill-weight 0)."),
     data: str | None = typer.Option(None, help="Training text: wikitext2, c4, kjv, austen or a local .txt/.jsonl file."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for the finetuned model and report.json."),
-    config: str | None = typer.Option(None, help="YAML preset: configs/finetune-NAME.yaml (e.g. llama-2-7b, tiny) or a path."),
+    config: str | None = typer.Option(None, help="YAML preset: a shipped finetune-NAME preset (llama-2-7b, tiny) or a path."),
     lora_rank: int | None = typer.Option(None, "--lora-rank", help="LoRA rank (default 128)."),
     lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 4 x rank)."),
     lora_dropout: float | None = typer.Option(None, "--lora-dropout", help="LoRA dropout (default 0.05)."),
@@ -490,6 +525,13 @@ def finetune_cmd(
     with _locked(out):
         report = FinetuneRun(cfg, out, force=force, resume=resume, trust_remote_code=trust_remote_code).run()
     _print_finetune(report, out)
+
+
+def _json_line(record: dict) -> None:
+    """One machine-readable line on stdout (`--log-json`), whatever else is quiet."""
+    import json
+
+    print(json.dumps(record, default=str), flush=True)
 
 
 def _print_finetune(report: dict, out: Path) -> None:

@@ -61,10 +61,15 @@ def widest_projection(adapter: ArchAdapter, groups) -> int:
     return max((adapter.output_projection(k).in_features for k in groups), default=0)
 
 
-def gram_dtype(device: torch.device) -> torch.dtype:
+WIDE_GRAM = 4096  # input columns beyond which a CPU keeps a layer's Gram matrix in float32 too
+
+
+def gram_dtype(device: torch.device, width: int = 0) -> torch.dtype:
     """float64 on CPU (exact enough to test against closed forms); float32 on accelerators (fast, and the
-    damping keeps the solve well conditioned)."""
-    return torch.float64 if device.type == "cpu" else torch.float32
+    damping keeps the solve well conditioned), and on a CPU for layers wider than WIDE_GRAM columns: LLaMA-3-8B's
+    14,336-wide MLP needs 1.6 GB per float64 matrix and the unit errors hold four, which is more than a 2-layer
+    model's own weights."""
+    return torch.float64 if device.type == "cpu" and width <= WIDE_GRAM else torch.float32
 
 
 class GramStats(PreHooks):
@@ -79,7 +84,7 @@ class GramStats(PreHooks):
     def _hook(self, key: GroupKey, module: nn.Linear, args) -> None:
         x = args[0].detach()
         x = as_rows(x)
-        dtype = gram_dtype(x.device)
+        dtype = gram_dtype(x.device, x.shape[-1])
         xd = x.to(dtype)
         if key not in self.gram:
             self.gram[key] = torch.zeros(x.shape[-1], x.shape[-1], dtype=dtype, device=x.device)
@@ -480,7 +485,7 @@ def _residual_statistics(block: nn.Module, lin: nn.Linear, prev: nn.Linear | Non
             seen.clear()
             run_until(block, h, kw, lin)
             x = as_rows(seen["x"])
-            dtype = gram_dtype(x.device)
+            dtype = gram_dtype(x.device, x.shape[1])
             x = x.to(dtype)
             t = _rows_like(ref_out[b], x) + (_rows_like(h_ref, x) - _rows_like(h, x)) / m
             if prev is not None:

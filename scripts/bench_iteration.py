@@ -2,7 +2,7 @@
 """One full bonsai iteration end to end at a model's shape (random weights: speed and memory only), per stage.
 
 Builds the model from a config on the device (no download), then runs the first iteration of `bonsai prune`'s
-runner with a preset's settings (default `configs/llama-2-7b.yaml`: 32 x 2048 calibration tokens, p_iter 0.3,
+runner with a preset's settings (default `bonsai/configs/llama-2-7b.yaml`: 32 x 2048 calibration tokens, p_iter 0.3,
 probes, compensated sub-models, sequential OBS, the lstsq refit, width multiple 256) on the shipped KJV text,
 timing each stage by wrapping the runner's own methods. Prints seconds and peak memory per stage, the peak
 against a plain forward with the same batch, and the whole run projected from the cost model (an iteration

@@ -7,8 +7,10 @@ The defaults rebuild the shipped model `bonsai/assets/tiny-llama` (LLaMA, KJV): 
     python scripts/train_tiny.py --family mistral --corpus austen --out runs/models/tiny-mistral-austen
 
 Families: llama (multi-head attention), mistral (grouped-query attention, 3 query heads per key/value head),
-phi (parallel attention and MLP, LayerNorm, GELU, partial rotary). They are real (small) language models,
-so pruning them shows real differences.
+phi (parallel attention and MLP, LayerNorm, GELU, partial rotary), gemma3 (Gemma-3's layout as its 270M model has
+it: one key/value head for all query heads, GeGLU, sliding-window layers, and a tokenizer that starts every text
+with BOS; trained on windows that start with BOS, as Gemma is). They are real (small) language models, so
+pruning them shows real differences.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ def family_config(family: str, vocab: int, tok) -> object:
     if family == "phi":
         return PhiConfig(intermediate_size=768, num_key_value_heads=6, partial_rotary_factor=0.5, resid_pdrop=0.0,
                          embd_pdrop=0.0, attention_dropout=0.0, **common)
+    if family == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(intermediate_size=512, num_attention_heads=4, num_key_value_heads=1, head_dim=48,
+                                query_pre_attn_scalar=48, sliding_window=64,
+                                layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+                                **{k: v for k, v in common.items() if k != "num_attention_heads"})
     raise SystemExit(f"unknown family {family}")
 
 
@@ -59,7 +68,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--family", default="llama", choices=("llama", "mistral", "phi"))
+    p.add_argument("--family", default="llama", choices=("llama", "mistral", "phi", "gemma3"))
     p.add_argument("--corpus", default="kjv", choices=("kjv", "austen"))
     p.add_argument("--out", default=str(ASSETS / "tiny-llama"))
     p.add_argument("--seed", type=int, default=0)
@@ -68,8 +77,15 @@ def main() -> None:
     train_text = gzip.open(ASSETS / args.corpus / "train.txt.gz", "rt").read()
     test_text = gzip.open(ASSETS / args.corpus / "test.txt.gz", "rt").read()
     tok = build_tokenizer(train_text, args.vocab)
-    train_ids = torch.tensor(tok(train_text)["input_ids"])
-    test_ids = torch.tensor(tok(test_text)["input_ids"])
+    train_ids = torch.tensor(tok(train_text, add_special_tokens=False)["input_ids"])
+    test_ids = torch.tensor(tok(test_text, add_special_tokens=False)["input_ids"])
+    bos = args.family == "gemma3"  # Gemma is only ever run with BOS at position 0: trained so, and its tokenizer adds it
+    if bos:
+        from tokenizers import processors
+
+        tok._tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)])
+    text_len = args.seqlen - bos
     print(f"train tokens {len(train_ids)}, test tokens {len(test_ids)}")
     config = family_config(args.family, len(tok), tok)
     model = AutoModelForCausalLM.from_config(config)
@@ -82,8 +98,10 @@ def main() -> None:
     start = time.time()
     model.train()
     for step in range(args.steps):
-        idx = torch.randint(0, len(train_ids) - args.seqlen - 1, (args.batch_size,), generator=g)
-        batch = torch.stack([train_ids[i:i + args.seqlen] for i in idx])
+        idx = torch.randint(0, len(train_ids) - text_len - 1, (args.batch_size,), generator=g)
+        batch = torch.stack([train_ids[i:i + text_len] for i in idx])
+        if bos:
+            batch = torch.cat([torch.full((args.batch_size, 1), tok.bos_token_id), batch], 1)
         loss = model(batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -93,7 +111,9 @@ def main() -> None:
         if step % 50 == 0 or step == args.steps - 1:
             print(f"step {step} loss {loss.item():.3f} ({time.time() - start:.0f}s)", flush=True)
     model.eval()
-    windows = test_ids[: len(test_ids) // args.seqlen * args.seqlen].view(-1, args.seqlen)
+    windows = test_ids[: len(test_ids) // text_len * text_len].view(-1, text_len)
+    if bos:
+        windows = torch.cat([torch.full((len(windows), 1), tok.bos_token_id), windows], 1)
     with torch.no_grad():
         nll = sum(model(w[None], labels=w[None]).loss.item() for w in windows) / len(windows)
     print(f"test ppl {math.exp(nll):.2f} over {len(windows)} windows of {args.seqlen}")

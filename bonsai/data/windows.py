@@ -90,9 +90,10 @@ def prepare_text(tokenizer, target: str, split: str = "train", special: bool = F
     """Tokenise a text now (it is cached): before the model is loaded, so that the tokenizer's working memory (400 MB
     for Austen's 3.6 MB) comes and goes while the process is small instead of adding to the model's peak. C4 is
     tokenised per document as windows are drawn, and is left alone."""
-    data = load_text(target, split)
-    if data.name != "c4":
-        tokenize_text(tokenizer, data, special=special)
+    for source in target.split(MIX):
+        data = load_text(source.strip(), split)
+        if data.name != "c4":
+            tokenize_text(tokenizer, data, special=special)
 
 
 def text_per_window(seqlen: int, bos: int | None) -> int:
@@ -137,17 +138,28 @@ def eval_windows(tokenizer, target: str, seqlen: int, split: str = "test",
     return consecutive_windows(ids[: n * k], seqlen, bos), data
 
 
+MIX = "+"  # `--calib austen+kjv`: windows from several texts
+
+
 def calibration_windows(tokenizer, target: str, n: int, seqlen: int, seed: int = 0,
                         bos: int | None = None) -> torch.Tensor:
     """`n` random windows of `seqlen` tokens from the training split (SparseGPT/Wanda calibration protocol), each
     `bos` (when given) followed by `seqlen - 1` text tokens.
 
     For C4, windows are random crops of random documents longer than the window's text, as in Wanda; otherwise
-    random offsets into the joined split.
+    random offsets into the joined split. A mixture `a+b+...` draws its windows from each text in turn (as evenly
+    as `n` allows), each text with its own seeded draw.
     """
-    k = text_per_window(seqlen, bos)
     if n < 1:
         raise BonsaiError(f"need at least one calibration sample (got {n})")
+    sources = [t.strip() for t in target.split(MIX) if t.strip()]
+    if len(sources) > 1:
+        counts = [n // len(sources) + (i < n % len(sources)) for i in range(len(sources))]
+        parts = [calibration_windows(tokenizer, src, c, seqlen, seed=seed * 1009 + i, bos=bos)
+                 for i, (src, c) in enumerate(zip(sources, counts, strict=True)) if c]
+        order = [(j, i) for j in range(max(counts)) for i in range(len(parts)) if j < len(parts[i])]
+        return torch.stack([parts[i][j] for j, i in order])  # interleaved: every batch sees every text
+    k = text_per_window(seqlen, bos)
     data = load_text(target, "train")
     g = torch.Generator().manual_seed(seed)
     if data.name == "c4":

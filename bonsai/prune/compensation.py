@@ -68,10 +68,12 @@ def damped_inverse(gram: torch.Tensor, damp: float, scale: float | None = None) 
         h.diagonal().add_(amount)
         return h
 
+    info = torch.empty((), dtype=torch.int32, device=gram.device)
     for _ in range(8):
-        factor, info = torch.linalg.cholesky_ex(damped(d * scale))
+        h = damped(d * scale)
+        torch.linalg.cholesky_ex(h, out=(h, info))  # factor and inverse in place: one n x n matrix beside G
         if int(info) == 0:
-            return torch.cholesky_inverse(factor)
+            return torch.cholesky_inverse(h, out=h)
         d = max(d * 10, 1e-6)
     return torch.linalg.pinv(damped(d * scale))
 
@@ -277,18 +279,22 @@ def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupK
             with GramStats({k: adapter.output_projection(k) for k in here}) as grams:
                 outputs = block_outputs(layers[i], inputs)
             for key in here:
-                if not torch.isfinite(grams.gram[key]).all():
+                if not all(bool(torch.isfinite(row).all()) for row in grams.gram[key].split(1024)):
                     raise BonsaiError(f"layer {key}: non-finite activation statistics (inf/NaN in the calibration forward "
                                       "pass); nothing was written. Try --dtype float32 or other calibration data")
-                gram, mean = grams.gram[key], None
+                raw, mean = grams.gram.pop(key), None  # popped: freed as soon as nothing below needs it
+                gram = raw
                 lin = adapter.output_projection(key)
                 if refit == "lstsq" and lin.bias is not None:  # the refit fits the bias jointly: it takes the mean
                     mean = grams.sum[key] / max(grams.tokens[key], 1)
                     gram = centred_gram(gram, grams.sum[key], grams.tokens[key])
                 hinv = None
                 if refit == "lstsq" or keep_inverse:  # damped as the refit is, relative to the raw Gram's diagonal
-                    hinv = damped_inverse(gram, damp, damp_scale(grams.gram[key]))
-                err = unit_errors(lin.weight, grams.gram[key], grams.sum[key],
+                    hinv = damped_inverse(gram, damp, damp_scale(raw))
+                if refit == "lstsq":  # its unit errors need H^-1 alone
+                    del gram
+                    gram = raw = None
+                err = unit_errors(lin.weight, raw, grams.sum[key],
                                   grams.tokens[key], adapter.unit_width(key), refit, hinv,
                                   sequential(key) if sequential is not None else 0)
                 stats[key] = GroupStats(unit_error=(err / residual).double())
@@ -301,7 +307,7 @@ def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupK
                     if spill is not None and held > budget:
                         kept = stash(kept, spill)
                     inverses[key] = (kept, cols, None if mean is None else mean.cpu())
-                del hinv, gram
+                del hinv, gram, raw
             del grams
         else:
             outputs = block_outputs(layers[i], inputs)

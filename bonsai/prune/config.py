@@ -1,15 +1,17 @@
-"""Settings of a prune run: defaults, YAML presets under configs/, validation."""
+"""Settings of a prune run: defaults, YAML presets (package data under bonsai/configs/), validation."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from bonsai.errors import BonsaiError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
+# presets ship inside the package, so a wheel or a non-editable install finds them (importlib.resources)
+CONFIG_DIR = Path(str(resources.files("bonsai") / "configs"))
 # what a run checkpointed before a setting existed did, where that differs from the setting's default now
 LEGACY_SETTINGS = {"sequential_obs": False, "split_probes": 1, "refit_target": "own", "bos": "never"}
 PAPER_P_ITER = 0.05  # Table 9: 5% of the model per iteration

@@ -159,7 +159,7 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
 
     # memory each phase adds to the loaded model
     dtype_bytes = next(model.parameters()).element_size()
-    gram_element = torch.finfo(gram_dtype(device)).bits // 8
+    gram_element = torch.finfo(gram_dtype(device, widest)).bits // 8
     gram_bytes = widest * widest * gram_element
     hidden = model.config.hidden_size
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -172,7 +172,8 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
     cache = 0
     if cfg.compensate and n_sub:  # the candidates' columns of each H^-1 and the probes' corrections
         share = min(1.0, cfg.candidate_multiple * (unit_p_iter or cfg.p_iter))
-        sizes = [adapter.output_projection(k).in_features ** 2 * share * gram_element for k in groups]
+        sizes = [adapter.output_projection(k).in_features ** 2 * share
+                 * torch.finfo(gram_dtype(device, adapter.output_projection(k).in_features)).bits // 8 for k in groups]
         # host memory on an accelerator (one group's columns on the device at a time); a file past the budget on a CPU
         columns = int(min(sum(sizes), HOST_STATES_SHARE * model_bytes)) if device.type == "cpu" else int(max(sizes))
         biggest = max(adapter.output_projection(k).in_features for k in groups) ** 2 * share * 4

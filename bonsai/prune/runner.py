@@ -134,6 +134,7 @@ class PruneRun:
         self._compensation = None
         self._reference = None
         self._progress = None
+        self.on_iteration = None  # called with each finished iteration's report entry (`--log-json`)
 
     # ---- output folder and state ---------------------------------------------------------
     def _prepare_dir(self, force: bool) -> None:
@@ -262,6 +263,8 @@ class PruneRun:
                 if self.dist.is_main:
                     self.store.clear_iteration()
                     self.store.prune_weights(keep=state.refit)
+                    if self.on_iteration is not None:
+                        self.on_iteration(state.history[-1])
                 progress.update(it_task, completed=t + 1, info=f"sparsity {state.history[-1]['sparsity']:.3f}")
             progress.update(it_task, completed=b.iterations)
         # each iteration reaches its share within one unit unless its candidates cannot give it (e.g. --width-multiple

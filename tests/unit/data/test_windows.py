@@ -144,3 +144,11 @@ def test_eval_without_bos_tokenises_the_joined_text_as_published(tiny_tokenizer,
     assert ids[0] == adding.bos_token_id
     assert windows.flatten().tolist() == ids[: windows.numel()]
     assert (windows[1:] != adding.bos_token_id).all()
+
+
+def test_a_mixture_draws_from_each_text_in_turn(tiny_tokenizer):
+    """--calib kjv+austen: windows alternate between the texts, each drawn as that text alone would be drawn."""
+    mixed = calibration_windows(tiny_tokenizer, "kjv+austen", 5, 24, seed=2)
+    kjv = calibration_windows(tiny_tokenizer, "kjv", 3, 24, seed=2 * 1009)
+    austen = calibration_windows(tiny_tokenizer, "austen", 2, 24, seed=2 * 1009 + 1)
+    assert torch.equal(mixed, torch.stack([kjv[0], austen[0], kjv[1], austen[1], kjv[2]]))

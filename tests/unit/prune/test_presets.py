@@ -1,4 +1,4 @@
-"""Every preset under configs/ loads and validates; the 7B-class presets ask for serving shapes."""
+"""Every preset under bonsai/configs/ loads and validates; the 7B-class presets ask for serving shapes."""
 
 from pathlib import Path
 

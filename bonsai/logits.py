@@ -177,15 +177,19 @@ class ChunkedHead:
             del z
         return out
 
-    def nll_grad(self, batch: torch.Tensor, weights: list[torch.Tensor], scale: float = 1.0
-                 ) -> tuple[list[torch.Tensor], float]:
+    def nll_grad(self, batch: torch.Tensor, weights: list[torch.Tensor], scale: float = 1.0,
+                 accumulate: bool = False) -> tuple[list[torch.Tensor] | None, float]:
         """Gradients of `scale` x (summed NLL of the batch) with respect to `weights`, and the summed NLL, with the head
         differentiated a chunk of positions at a time: the graph holds the hidden states and one chunk's logits,
-        never the whole batch x tokens x vocabulary (nor its softmax and gradient) at once."""
+        never the whole batch x tokens x vocabulary (nor its softmax and gradient) at once. `accumulate`: add them to
+        the weights' `.grad` instead (no second set of gradient buffers) and return None for them."""
         hidden, logits = self._forward(batch)
         if hidden is None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                    reduction="sum")
+            if accumulate:
+                (loss * scale).backward(inputs=weights)
+                return None, float(loss.detach())
             return list(torch.autograd.grad(loss * scale, weights)), float(loss.detach())
         upstream = torch.zeros_like(hidden)
         total, step = 0.0, max(1, self.chunk_bytes // max(1, batch.shape[0] * self.vocab * 4))
@@ -198,6 +202,9 @@ class ChunkedHead:
             (grad,) = torch.autograd.grad(loss * scale, part)
             upstream[:, a:b] = grad
             total += float(loss.detach())
+        if accumulate:
+            torch.autograd.backward(hidden, grad_tensors=upstream, inputs=weights)
+            return None, total
         return list(torch.autograd.grad(hidden, weights, grad_outputs=upstream)), total
 
 

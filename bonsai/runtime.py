@@ -95,7 +95,8 @@ def reset_peak_memory(device: torch.device) -> bool:
     try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM, ru_maxrss)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
+        # some kernels (and sandboxes) accept the write and keep the old peak
+        return peak_memory(device) <= current_memory(device) + 64 * 2**20
     except OSError:
         return False
 
@@ -110,11 +111,14 @@ class PhasePeaks:
         self.device = device
         self.overall = peak_memory(device)
         self.phases: dict[str, int] = {}
+        self.held = current_memory(device)
+        self.exact = True  # each phase's own peak; False once a reset failed (then a phase holds the run's peak so far)
 
     def start(self) -> None:
         self.overall = max(self.overall, peak_memory(self.device))
         release_memory()  # a phase starts from what the run holds, not from what the last one freed
-        reset_peak_memory(self.device)
+        self.exact = reset_peak_memory(self.device) and self.exact
+        self.held = current_memory(self.device)  # what the run holds as the phase starts
 
     def end(self, name: str) -> int:
         """Record the peak since `start` under `name` (the larger, when a phase runs twice) and return it."""

@@ -156,7 +156,7 @@ def main() -> None:
             print("                " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in row["phase_peak_bytes"].items())
                   + " MiB; " + ", ".join(f"{k} {v:.0f}" for k, v in row["phase_seconds"].items()) + " s")
     if args.json:
-        args.json.write_text(json.dumps({"settings": vars(args), "rows": rows,
+        args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
                                          "ratios": {m: r["peak_bytes"] / forward for m, r in rows.items()}}, indent=2))
 
 

@@ -114,3 +114,12 @@ def sentencepiece_style_tokenizer(folder, metaspace: bool = False):
 
 
 BOS_FAMILIES = {"gemma", "gemma2", "gemma3"}  # their test checkpoints carry a BOS-adding tokenizer, as the real ones do
+
+
+def assert_within_one_unit(report: dict, sparsity: float, unit_params: int) -> None:
+    """The run removed `sparsity` of the block parameters within one unit (`unit_params`, the largest unit it
+    could remove) either side: a target missed short is as wrong as one overshot."""
+    t = report["totals"]
+    removed = t["block_params_before"] - t["block_params_after"]
+    target = sparsity * t["block_params_before"]
+    assert abs(removed - target) < unit_params, (removed, target, unit_params)

@@ -63,14 +63,26 @@ def gradients(model, weights: list[torch.nn.Parameter], windows: torch.Tensor, b
             for acc, g in zip(fish, grads, strict=True):
                 acc.add_(g.float().pow(2), alpha=1.0 / n)
             advance()
-    total = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-    for start in range(0, n, batch_size):
-        batch = windows[start:start + batch_size].to(device)
-        grads, _ = head.nll_grad(batch, weights, scale=1.0 / (n * predictions))  # the mean over all windows
-        for acc, g in zip(total, grads, strict=True):
-            acc.add_(g.float())
-        del grads
-        advance()
+    # float32 weights accumulate in their own .grad (one set of buffers, the size of the pruned blocks); half-precision
+    # ones in float32 buffers beside each batch's gradients
+    in_place = all(w.dtype == torch.float32 for w in weights)
+    saved = [w.grad for w in weights]
+    for w in weights:
+        w.grad = None
+    total = None if in_place else [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    try:
+        for start in range(0, n, batch_size):
+            batch = windows[start:start + batch_size].to(device)
+            grads, _ = head.nll_grad(batch, weights, scale=1.0 / (n * predictions), accumulate=in_place)  # the mean
+            for acc, g in zip(total or [], grads or [], strict=True):
+                acc.add_(g.float())
+            del grads
+            advance()
+        if in_place:
+            total = [w.grad if w.grad is not None else torch.zeros_like(w) for w in weights]
+    finally:
+        for w, g in zip(weights, saved, strict=True):
+            w.grad = g
     return total, fish
 
 

@@ -19,6 +19,7 @@ from bonsai.errors import BonsaiError
 from bonsai.io import write_json_atomic
 from bonsai.progress import console, make_progress
 from bonsai.prune.config import PruneConfig
+from bonsai.models.checks import count_nonzero
 from bonsai.prune.selection import check_reachable
 from bonsai.runtime import peak_memory
 
@@ -30,7 +31,7 @@ def linear_zero_fraction(adapter) -> tuple[int, int]:
     zeros = total = 0
     for block in adapter.layers():
         for lin in block_linears(block, adapter.linear_names).values():
-            zeros += int((lin.weight == 0).sum())
+            zeros += lin.weight.numel() - count_nonzero(lin.weight)
             total += lin.weight.numel()
     return zeros, total
 
@@ -125,7 +126,7 @@ class BaselineRun:
                 "block_params_after": block_after,
                 "params_before": total_before,
                 "params_after": total_after,
-                "nonzero_params_after": int(sum(int((p != 0).sum()) for p in self.model.parameters())),
+                "nonzero_params_after": sum(count_nonzero(p) for p in self.model.parameters()),
                 "wall_seconds": time.time() - start + getattr(self, "elapsed_before", 0.0),
                 "peak_memory_bytes": peak_memory(self.device),
             },

@@ -45,6 +45,9 @@ class CostEstimate:
     base_bytes: int  # the model loaded and touched
     phase_bytes: dict[str, int] = field(default_factory=dict)  # what each phase adds at its peak
     at_most: bool = False  # adaptive sampling: the sub-models (and the time) are a maximum
+    # the peak already reached before the first phase (tokenising the text, loading the model): measured, not
+    # predicted; it is the run's peak on small models over long texts (a tokenizer's working memory)
+    loaded_peak_bytes: int = 0
 
     @property
     def seconds(self) -> float:
@@ -58,10 +61,12 @@ class CostEstimate:
 
     @property
     def peak_bytes(self) -> int:
-        return self.base_bytes + max(self.phase_bytes.values(), default=0)
+        return max(self.base_bytes + max(self.phase_bytes.values(), default=0), self.loaded_peak_bytes)
 
     @property
     def peak_phase(self) -> str:
+        if self.loaded_peak_bytes > self.base_bytes + max(self.phase_bytes.values(), default=0):
+            return "tokenising and loading"
         return max(self.phase_bytes, key=self.phase_bytes.get) if self.phase_bytes else "-"
 
     def line(self) -> str:

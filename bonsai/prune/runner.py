@@ -110,7 +110,8 @@ class PruneRun:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
         from bonsai.data.windows import prepare_text
 
-        prepare_text(self.tokenizer, cfg.calib)  # before the model: the tokenizer's peak stays below the model's
+        if not dry_run:  # a dry run estimates from the settings alone; it needs no text
+            prepare_text(self.tokenizer, cfg.calib)  # before the model: the tokenizer's peak stays below the model's
         self.model = model if model is not None else load_model(cfg.model, dtype=cfg.dtype,
                                                                  device=self.dist.device(cfg.device),
                                                                  device_map=cfg.device_map)
@@ -220,8 +221,10 @@ class PruneRun:
         """The run's cost (iterations, sub-models, forward tokens, time, peak memory) from a timing probe."""
         from bonsai.prune.cost import estimate
 
-        return estimate(self.cfg, self.model, self.adapter, self.groups, self.seqlen, self.budget.iterations,
+        cost = estimate(self.cfg, self.model, self.adapter, self.groups, self.seqlen, self.budget.iterations,
                         self.adapter.parallel_block, unit_p_iter=self.budget.unit_p_iter)
+        cost.loaded_peak_bytes = self.peaks.overall
+        return cost
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
@@ -243,7 +246,7 @@ class PruneRun:
             cost = self.estimate()
             console.print(cost.line())
             self._estimate = {"seconds": cost.seconds, "peak_memory_bytes": cost.peak_bytes, "base_bytes": cost.base_bytes,
-                              "phase_bytes": cost.phase_bytes}
+                              "phase_bytes": cost.phase_bytes, "loaded_peak_bytes": cost.loaded_peak_bytes}
         t0 = time.time()
         b = self.budget
         if self.resuming and self.dist.is_main:
@@ -290,6 +293,7 @@ class PruneRun:
         self._compensation = self._reference = self._split_record = None
         self._phase_peaks = {}
         self.peaks.start()
+        self._held = self.peaks.held  # what earlier iterations left behind shows here
         it = self.store.load_iteration(t)
         if it is None:
             it = self._start_iteration(t, windows)
@@ -354,6 +358,7 @@ class PruneRun:
             "seconds": time.time() - start,
             "phase_seconds": phases,  # this process's share (a resumed iteration's earlier work is not in it)
             "phase_peak_bytes": self._phase_peaks,  # peak memory of each phase (RSS on CPU, allocated on a GPU)
+            "held_bytes": self._held,  # memory held as the iteration started
         })
 
     def _phase_end(self, name: str, parts: tuple[str, ...] = ()) -> None:
@@ -609,7 +614,8 @@ class PruneRun:
                     out[key] = np.sort(orders[key].units[:stop])
             return out
 
-        options = uniform_options(kinds, need, per_param)
+        left = self.budget.target_removed - (self.budget.block_params - self.adapter.block_parameters())
+        options = uniform_options(kinds, need, per_param, remaining=left)
         if not options:  # not reachable this iteration: take everything allowed
             return removal({kind: min(len(o.steps()) for o in os_) for kind, os_ in kinds.items()})
         if not self._probes_splits() or len(options) < 2:
@@ -738,6 +744,7 @@ class PruneRun:
                 "max_unit_params": max(self.adapter.params_per_unit(k) for k in self.groups),
                 "wall_seconds": state.elapsed_before,
                 "peak_memory_bytes": self.peaks.peak(),
+                "phase_peaks_exact": self.peaks.exact,  # False where the peak cannot be reset between phases
             },
             "kept_units": state.kept,
             "emptied_groups": emptied_groups(state.history, b.initial_units),

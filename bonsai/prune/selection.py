@@ -86,12 +86,16 @@ def select_in_multiples(groups: list[GroupOrder], budget: float) -> list[np.ndar
             for i, g in enumerate(groups)]
 
 
-def uniform_options(groups: dict[str, list[GroupOrder]], budget: float, cost_per_param: bool
-                    ) -> list[tuple[float, dict[str, int]]]:
+def uniform_options(groups: dict[str, list[GroupOrder]], budget: float, cost_per_param: bool,
+                    remaining: float | None = None) -> list[tuple[float, dict[str, int]]]:
     """Every pair of step counts per kind (attention, mlp) that reaches `budget` with the fewest steps of the
     second kind, as (summed cost, steps per kind), cheapest first (a unit's cost: its score, times its parameters
     when scores are per parameter). Empty when the budget cannot be reached. Every group of a kind must have
-    the same size and multiple, so each kind's step is taken in every group at once."""
+    the same size and multiple, so each kind's step is taken in every group at once.
+
+    `remaining`: the parameters left to remove before the run's target. An option that would overshoot it by more
+    than the closest option does, plus one step of the finer kind, is dropped: a coarse step (a model's one key/value
+    group per layer) may serve an early iteration, whose overshoot the next ones take back, but never the last."""
     kinds = list(groups)
     options = {}
     for kind in kinds:
@@ -116,9 +120,14 @@ def uniform_options(groups: dict[str, list[GroupOrder]], budget: float, cost_per
                 j += 1
             cost, got = cost + c2[j], got + p2[j]
         if got >= budget:
-            out.append((cost, {first: i, **({second: j} if second is not None else {})}))
+            out.append((cost, got, {first: i, **({second: j} if second is not None else {})}))
+    if remaining is not None and out:
+        steps = [p[1] for _, p in options.values() if len(p) > 1]
+        fine = min(steps) if steps else 0.0
+        closest = min(max(0.0, got - remaining) for _, got, _ in out)
+        out = [o for o in out if o[1] - remaining <= closest + fine]
     out.sort(key=lambda o: o[0])  # stable: equal costs keep the fewer steps of the first kind
-    return out
+    return [(cost, counts) for cost, _, counts in out]
 
 
 def select_uniform(groups: dict[str, list[GroupOrder]], budget: float, cost_per_param: bool) -> dict[str, int]:

@@ -40,8 +40,11 @@ def test_predicted_peak_memory_within_20_percent_of_the_measured_one(wide_vocabu
     report = json.loads((out / "report.json").read_text())
     predicted, measured = report["estimate"]["peak_memory_bytes"], report["totals"]["peak_memory_bytes"]
     assert abs(predicted - measured) <= 0.2 * measured, (predicted / 2**20, measured / 2**20)
-    # no phase held a batch's whole logits: every phase stays within half of them above the model as loaded
+    # no phase held a batch's whole logits: every phase stays below them above the model as loaded (the scan over
+    # the vocabulary holds a few slices of 32 MiB and their temporaries, an eighth of the logits each)
+    if not report["totals"]["phase_peaks_exact"]:
+        pytest.skip("this kernel cannot reset a process's peak memory: phases hold the run's peak so far")
     base = report["estimate"]["base_bytes"]
     phases = report["iterations"][0]["phase_peak_bytes"]
     assert set(phases) >= {"prior_pass", "unit_errors", "sub_models", "reconstruction"}
-    assert max(phases.values()) - base < logits_bytes / 2, {k: v / 2**20 for k, v in phases.items()}
+    assert max(phases.values()) - base < logits_bytes, {k: v / 2**20 for k, v in phases.items()}

@@ -204,6 +204,7 @@ def test_calibration_text_shorter_than_a_window_is_refused_before_work(tmp_path)
         assert not out.exists()
 
 
+@pytest.mark.heavy
 def test_full_disk_keeps_the_previous_checkpoint_and_finished_output(tmp_path, monkeypatch):
     import safetensors.torch
 

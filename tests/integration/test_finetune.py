@@ -96,12 +96,12 @@ def test_resumed_run_equals_uninterrupted(merged_run, pruned, tmp_path):
     for k, v in FAST.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     env = dict(os.environ, BONSAI_ABORT_AFTER_STEPS="10")
-    crashed = subprocess.run(args, env=env, capture_output=True, text=True)
+    crashed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert crashed.returncode == 75, crashed.stderr
     assert (resumed / ".bonsai-finetune" / "checkpoint" / "trainable.safetensors").exists()
-    refused = subprocess.run(args, capture_output=True, text=True)
+    refused = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    done = subprocess.run(args + ["--resume"], capture_output=True, text=True)
+    done = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     a, b = load_file(str(out / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -75,6 +75,25 @@ def test_select_uniform_takes_the_same_steps_everywhere_at_least_cost():
     assert removed >= 900 and counts["attention"] >= 1  # the channels alone (20 allowed) are not enough
 
 
+def test_uniform_options_never_let_a_coarse_step_overshoot_the_run_target():
+    """One key/value group per layer (a head step of 1000 parameters per layer) against channels of 10: early on the
+    coarse step is an option (later iterations take its overshoot back), in the last iteration it is not."""
+    from bonsai.prune.selection import GroupOrder, uniform_options
+
+    def group(cost, n, params):
+        return GroupOrder(units=np.arange(n), scores=np.full(n, cost), unit_params=params, size=n, multiple=1,
+                          allowed=n)
+
+    kinds = {"attention": [group(0.0, 2, 1000) for _ in range(3)], "mlp": [group(1.0, 40, 10) for _ in range(3)]}
+    early = uniform_options(kinds, budget=600, cost_per_param=False, remaining=3300)
+    assert {"attention": 1, "mlp": 0} in [c for _, c in early]  # 3000 of 3300 to go: no overshoot
+    last = uniform_options(kinds, budget=60, cost_per_param=False, remaining=60)
+    counts = [c for _, c in last]
+    assert counts == [{"attention": 0, "mlp": 2}]  # the free-scored head would overshoot the target by 2940
+    # without the run's remainder every option that reaches the step is kept, cheapest first
+    assert [c for _, c in uniform_options(kinds, budget=60, cost_per_param=False)][0] == {"attention": 1, "mlp": 0}
+
+
 def test_changed_share_counts_parameters_removed_by_one_decision_only():
     import numpy as np
 

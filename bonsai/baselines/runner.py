@@ -17,9 +17,9 @@ import torch
 from bonsai.adapters import get_adapter
 from bonsai.errors import BonsaiError
 from bonsai.io import write_json_atomic
+from bonsai.models.checks import count_nonzero
 from bonsai.progress import console, make_progress
 from bonsai.prune.config import PruneConfig
-from bonsai.models.checks import count_nonzero
 from bonsai.prune.selection import check_reachable
 from bonsai.runtime import peak_memory
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bonsai.models.residency import own_mapped_weights
 from bonsai.errors import BonsaiError
 from bonsai.io import read_json
 from bonsai.models.aliases import resolve_model_name
@@ -131,6 +132,7 @@ def load_model(
         raise BonsaiError(f"cannot load the weights of {name} ({_first_line(exc)}): {REDOWNLOAD}") from None
     if device_map is None:
         model.to(target)
+    own_mapped_weights(model)  # pruning frees what it slices only if the weights are not views of the file
     adapter_dir = Path(location) / ADAPTER_DIR
     if (adapter_dir / "adapter_config.json").exists():
         model = _with_adapter(model, adapter_dir)

@@ -127,6 +127,22 @@ class SpilledTensor:
     def to(self, *args, **kwargs) -> torch.Tensor:
         return self.load().to(*args, **kwargs)
 
+    def columns(self, cols: torch.Tensor, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+        """Columns `cols` of a spilled matrix, read a block of rows at a time: never the whole matrix in memory."""
+        rows, width = self.shape
+        itemsize = self.nbytes // max(1, rows * width)
+        step = max(1, chunk_bytes // max(1, width * itemsize))
+        out = torch.empty(rows, len(cols), dtype=self.dtype)
+        buf = bytearray(min(rows, step) * width * itemsize)
+        with open(self.path, "rb") as f:
+            for a in range(0, rows, step):
+                b = min(rows, a + step)
+                view = memoryview(buf)[: (b - a) * width * itemsize]
+                if f.readinto(view) != len(view):
+                    raise OSError(f"{self.path}: spilled matrix cut short")
+                out[a:b] = torch.frombuffer(view, dtype=torch.uint8).view(self.dtype).view(b - a, width)[:, cols]
+        return out
+
     def __reduce__(self):  # sent to another process (a distributed run) as the tensor itself
         return _same_tensor, (self.load(),)
 

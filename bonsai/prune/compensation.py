@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,6 +31,9 @@ from bonsai.adapters.base import ATTENTION, MLP, ArchAdapter, GroupKey
 from bonsai.errors import BonsaiError
 from bonsai.reconstruct import DEFAULT_DAMP, GramStats, damp_scale, gram_dtype
 from bonsai.runtime import release_memory
+
+if TYPE_CHECKING:
+    from bonsai.baselines.layerwise import SpilledTensor
 
 
 # per group: (H^-1[:, C], C, mean input or None), see group_statistics and CompensatedMasks
@@ -93,14 +97,15 @@ def obs_unit_errors(weight: torch.Tensor, hinv: torch.Tensor, width: int) -> tor
     return (Wu * sol).sum((1, 2)).cpu()
 
 
-def greedy_obs_path(weight: torch.Tensor, hinv: torch.Tensor, width: int, steps: int
+def greedy_obs_path(weight: torch.Tensor, hinv: torch.Tensor, width: int, steps: int, in_place: bool = False
                     ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """Sequential OBS (as ZipLM and OSSCAR do): remove the unit whose compensated error is smallest, update W
     and H^-1 as if it were gone, repeat `steps` times. Returns the units in removal order, their marginal
     errors (which add up to the compensated error of removing each prefix at once) and every unit's error
-    once the path is gone (0 for the path's own)."""
+    once the path is gone (0 for the path's own). `in_place`: one-column units work on `hinv` itself (left
+    changed) instead of a copy, one n x n matrix less (the caller keeps what it needs of H^-1 elsewhere)."""
     if width == 1:
-        return _greedy_channels(weight, hinv, steps)
+        return _greedy_channels(weight, hinv, steps, in_place)
     return _greedy_units(weight, hinv, width, steps)
 
 
@@ -147,7 +152,8 @@ def _greedy_units(weight: torch.Tensor, hinv: torch.Tensor, width: int, steps: i
 OBS_BLOCK = 64  # greedy steps between the deferred updates of `_greedy_channels`
 
 
-def _greedy_channels(weight: torch.Tensor, hinv: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+def _greedy_channels(weight: torch.Tensor, hinv: torch.Tensor, steps: int, in_place: bool = False
+                     ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """`greedy_obs_path` for one-column units (MLP channels), with the updates deferred.
 
     Removing channel u updates H^-1 by -h h^T / h_u (h its column) and W by -W_u h^T / h_u: two passes over n^2 and
@@ -157,7 +163,7 @@ def _greedy_channels(weight: torch.Tensor, hinv: torch.Tensor, steps: int) -> tu
     OBS_BLOCK steps as matrix products; between two blocks a step reads one row of each through the pending
     updates (n x block) and updates c and d in O(n). Same path, errors and result as the explicit updates, up to
     rounding."""
-    H = hinv.clone()
+    H = hinv if in_place else hinv.clone()
     W = weight.detach().to(hinv.dtype)
     K = W.t() @ W
     n = H.shape[0]
@@ -202,12 +208,13 @@ def _greedy_channels(weight: torch.Tensor, hinv: torch.Tensor, steps: int) -> tu
     return order, torch.stack(marginal).cpu() if marginal else torch.zeros(0, dtype=hinv.dtype), rest.cpu()
 
 
-def sequential_obs_errors(weight: torch.Tensor, hinv: torch.Tensor, width: int, steps: int) -> torch.Tensor:
+def sequential_obs_errors(weight: torch.Tensor, hinv: torch.Tensor, width: int, steps: int,
+                          in_place: bool = False) -> torch.Tensor:
     """Unit errors that rank a group's units along its greedy joint removal (`greedy_obs_path`): units alone
     are not additive (two correlated units can each stand in for the other). On the path: the running maximum
     of the marginal errors, so that ranking by it follows the path; off it: the error once the path is gone,
     never below the path's last value."""
-    order, marginal, rest = greedy_obs_path(weight, hinv, width, steps)
+    order, marginal, rest = greedy_obs_path(weight, hinv, width, steps, in_place)
     out = rest.clone()
     if order:
         level = torch.cummax(marginal, 0).values
@@ -231,16 +238,38 @@ def direct_unit_errors(weight: torch.Tensor, gram: torch.Tensor, width: int) -> 
 
 
 def unit_errors(weight: torch.Tensor, gram: torch.Tensor, col_sum: torch.Tensor, tokens: int, width: int,
-                refit: str, hinv: torch.Tensor | None, sequential: int = 0) -> torch.Tensor:
+                refit: str, hinv: torch.Tensor | None, sequential: int = 0, in_place: bool = False) -> torch.Tensor:
     """Each unit's output error once removed alone, under the run's reconstruction (see module doc); with
-    `sequential` > 0 and the lstsq refit, along the greedy joint removal of that many units."""
+    `sequential` > 0 and the lstsq refit, along the greedy joint removal of that many units (`in_place`: on `hinv`
+    itself, left changed)."""
     if refit == "lstsq":
         if sequential:
-            return sequential_obs_errors(weight, hinv, width, sequential)
+            return sequential_obs_errors(weight, hinv, width, sequential, in_place)
         return obs_unit_errors(weight, hinv, width)
     if refit == "bias":  # the mean is folded into the bias: only the fluctuation around it is lost
         gram = centred_gram(gram, col_sum, tokens)
     return direct_unit_errors(weight, gram, width)
+
+
+SET_ASIDE_FILE_BYTES = 32 * 2**20  # on a CPU, an H^-1 set aside past this size waits in a file (`set_aside`)
+
+
+def set_aside(hinv: torch.Tensor, spill) -> torch.Tensor | SpilledTensor:
+    """A copy of H^-1 outside the working memory, to take columns from once the original has been used up:
+    in host memory when it lives on an accelerator, in a temporary file (`spill`, a SpillStore) on a CPU once it
+    is large, else a plain copy."""
+    if hinv.device.type != "cpu":
+        return hinv.cpu()
+    if spill is not None and hinv.numel() * hinv.element_size() >= SET_ASIDE_FILE_BYTES:
+        return spill.put(hinv)
+    return hinv.clone()
+
+
+def columns_of(source: torch.Tensor | SpilledTensor, cols: torch.Tensor) -> torch.Tensor:
+    """source[:, cols] in host memory; a spilled matrix is read a block of rows at a time."""
+    if isinstance(source, torch.Tensor):
+        return source[:, cols.to(source.device)].cpu()
+    return source.columns(cols)
 
 
 @torch.no_grad()
@@ -294,20 +323,26 @@ def group_statistics(model: nn.Module, adapter: ArchAdapter, groups: list[GroupK
                 if refit == "lstsq":  # its unit errors need H^-1 alone
                     del gram
                     gram = raw = None
-                err = unit_errors(lin.weight, raw, grams.sum[key],
-                                  grams.tokens[key], adapter.unit_width(key), refit, hinv,
-                                  sequential(key) if sequential is not None else 0)
+                steps = sequential(key) if sequential is not None else 0
+                # one-column units along sequential OBS work on H^-1 itself, one n x n matrix less (LLaMA-3-8B's
+                # MLP: 0.8 GB); what the probes need of the original waits outside the working memory
+                consume = keep_inverse and refit == "lstsq" and steps > 0 and adapter.unit_width(key) == 1
+                original = set_aside(hinv, spill) if consume else None
+                err = unit_errors(lin.weight, raw, grams.sum[key], grams.tokens[key], adapter.unit_width(key), refit,
+                                  hinv, steps, in_place=consume)
+                if consume:
+                    hinv = None  # used up by the path
                 stats[key] = GroupStats(unit_error=(err / residual).double())
                 if keep_inverse:
-                    cols = columns(key, stats[key].unit_error) if columns is not None else torch.arange(hinv.shape[0])
+                    cols = columns(key, stats[key].unit_error) if columns is not None else torch.arange(lin.in_features)
                     # held for the whole iteration (0.6 x n^2 floats per group at p_iter 0.3): in host memory, so
                     # the accelerator keeps inference-level memory; each probe moves its own columns over
-                    kept = hinv[:, cols.to(hinv.device)].cpu()
+                    kept = columns_of(original if consume else hinv, cols)
                     held += kept.numel() * kept.element_size()
                     if spill is not None and held > budget:
                         kept = stash(kept, spill)
                     inverses[key] = (kept, cols, None if mean is None else mean.cpu())
-                del hinv, gram, raw
+                del hinv, gram, raw, original
             del grams
         else:
             outputs = block_outputs(layers[i], inputs)

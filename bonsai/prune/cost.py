@@ -186,7 +186,11 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
     reference = C * 64 * 12  # top-64 log-probabilities and ids per calibration token
     phases = {"prior_pass": scored + reference}
     if gram:
-        phases["unit_errors"] = scored // 2 + 5 * gram_bytes + states(2) + columns
+        # n x n matrices at once: the Gram matrix and its damped inverse while it is factored, then H^-1 and the
+        # path's W^T W; a third (the path's own copy of H^-1) unless the path may use H^-1 itself (compensation kept,
+        # its columns set aside first: `group_statistics`)
+        in_place = cfg.compensate and n_sub and cfg.sequential_obs and cfg.reconstruct == "lstsq"
+        phases["unit_errors"] = scored // 2 + (2 if in_place else 3) * gram_bytes + states(2) + columns
     if n_sub:
         phases["sub_models"] = scored + columns + cache + reference + advance * hidden * dtype_bytes
     if refit:

@@ -202,3 +202,40 @@ def test_unit_errors_of_a_layer_with_a_bias_are_the_errors_its_refit_leaves():
         explicit.append(float((left ** 2).sum() + lam * ((fit.weight - W[:, keep]) ** 2).sum() + lam * W[:, u].pow(2).sum()))
     ratio = stats[key].unit_error / torch.tensor(explicit, dtype=torch.float64)
     torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio[0])), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("aside_bytes", [0, 2**40])  # H^-1 set aside in a file / as a copy
+def test_sequential_obs_on_h_inverse_itself_keeps_the_original_columns(aside_bytes, monkeypatch):
+    """With compensation kept, the MLP's sequential OBS runs on H^-1 itself (one n x n matrix less) and the probes'
+    columns come from a copy set aside before: errors and columns equal those computed apart from the Gram matrix
+    (a damped inverse that no path has touched)."""
+    monkeypatch.setattr(compensation, "SET_ASIDE_FILE_BYTES", aside_bytes)
+    model = tiny_model("llama").double()
+    adapter = get_adapter(model)
+    windows = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(3))
+    groups = [GroupKey(1, ATTENTION), GroupKey(1, MLP)]
+    picked = {GroupKey(1, ATTENTION): torch.arange(16, 48), GroupKey(1, MLP): torch.tensor([3, 7, 11, 19, 40, 47])}
+    stats, comp = group_statistics(model, adapter, groups, windows, 4, damp=0.01, keep_inverse=True,
+                                   sequential=lambda key: 20, columns=lambda key, errors: picked[key])
+    with GramStats({k: adapter.output_projection(k) for k in groups}) as grams, torch.no_grad():
+        model(windows)
+    residual = None
+    for key in groups:
+        hinv = damped_inverse(grams.gram[key], 0.01)
+        kept, cols, _ = comp[key]
+        assert torch.equal(cols, picked[key])
+        torch.testing.assert_close(kept, hinv[:, picked[key]], rtol=1e-9, atol=1e-12)
+        expected = sequential_obs_errors(adapter.output_projection(key).weight, hinv, adapter.unit_width(key), 20)
+        ratio = expected / stats[key].unit_error  # the stored errors are divided by the block input's energy
+        residual = residual if residual is not None else ratio[0]
+        torch.testing.assert_close(ratio, torch.full_like(ratio, float(residual)), rtol=1e-8, atol=0)
+
+
+def test_a_spilled_matrix_gives_its_columns_a_block_of_rows_at_a_time():
+    from bonsai.baselines.layerwise import SpillStore
+
+    m = torch.randn(37, 23, dtype=torch.float64)
+    cols = torch.tensor([22, 0, 5, 5, 11])
+    spilled = SpillStore().put(m)
+    assert torch.equal(spilled.columns(cols, chunk_bytes=3 * 23 * 8), m[:, cols])  # 13 blocks of 3 rows
+    assert torch.equal(spilled.columns(cols), m[:, cols])

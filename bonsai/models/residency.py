@@ -7,11 +7,11 @@ tensor (the embeddings, the norms) still views it. On SmolLM2-135M in float32 th
 the new weights' size at every block, 275 MiB over the whole model, with the parent's 513 MiB still mapped: the
 pruned model cost its parent plus itself.
 
-`own_mapped_weights` copies every CPU tensor that lies in a file mapping into ordinary memory, one tensor at a
-time, and tells the kernel to drop the file pages it came from (`madvise(MADV_DONTNEED)`; on a private file
-mapping the pages are simply re-read from the file if anything touched them again, so nothing can be lost). The
-peak while it runs is the model plus one tensor; afterwards a sliced weight frees its parent's memory as any
-tensor does. Linux only (elsewhere it does nothing).
+`own_mapped_weights` copies every CPU tensor that lies in a file mapping into ordinary memory, one tensor at a time,
+and tells the kernel to drop the file pages it came from (`madvise(MADV_DONTNEED)`; on a private file mapping the
+pages are simply re-read from the file if anything touched them again, so nothing can be lost). The peak while it
+runs is the model plus 64 MiB (a tensor is copied a chunk at a time); afterwards a sliced weight frees its parent's
+memory as any tensor does. Linux only (elsewhere it does nothing).
 """
 
 from __future__ import annotations
@@ -61,6 +61,29 @@ def _drop_pages(address: int, nbytes: int) -> None:
     _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
 
 
+COPY_CHUNK_BYTES = 64 * 2**20  # a mapped tensor is copied, and its file pages dropped, this much at a time
+
+
+def _copied(old: torch.Tensor) -> torch.Tensor:
+    """`old` in ordinary memory, its file pages dropped a chunk at a time as it goes: a 2 GB embedding (LLaMA-3's
+    128k vocabulary) never has both copies resident."""
+    if not old.is_contiguous():
+        return old.clone(memory_format=torch.contiguous_format)
+    new = torch.empty_like(old, memory_format=torch.contiguous_format)
+    src, dst = old.view(-1), new.view(-1)
+    size, start, page = old.element_size(), old.data_ptr(), os.sysconf("SC_PAGE_SIZE")
+    step = max(1, COPY_CHUNK_BYTES // size)
+    dropped = -(-start // page) * page  # whole pages below this address are gone
+    for a in range(0, src.numel(), step):
+        b = min(src.numel(), a + step)
+        dst[a:b].copy_(src[a:b])
+        copied = (start + b * size) // page * page  # every whole page below it has been copied
+        if copied > dropped:
+            _drop_pages(dropped, copied - dropped)
+            dropped = copied
+    return new
+
+
 def own_mapped_weights(model: nn.Module) -> int:
     """Copy the model's file-mapped CPU parameters and buffers into ordinary memory and drop their file pages
     (see the module doc). Tied weights stay tied (a shared parameter is one object, copied once). Returns the
@@ -82,9 +105,7 @@ def own_mapped_weights(model: nn.Module) -> int:
                     continue
                 with torch.no_grad():
                     old = t.data
-                    t.data = old.clone(memory_format=torch.contiguous_format)
-                    if old.is_contiguous():
-                        _drop_pages(old.data_ptr(), old.numel() * old.element_size())
+                    t.data = _copied(old)
                     moved += old.numel() * old.element_size()
                     del old
     return moved

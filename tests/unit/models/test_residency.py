@@ -9,6 +9,7 @@ from torch import nn
 
 from bonsai.models.aliases import TINY_MODEL_DIR
 from bonsai.models.loading import load_model
+from bonsai.models import residency
 from bonsai.models.residency import _file_mappings, _in_mapping, own_mapped_weights
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file mappings are read from /proc")
@@ -27,7 +28,9 @@ def _resident_kib(path: str) -> int:
     return total
 
 
-def test_a_file_mapped_weight_is_copied_and_its_pages_dropped(tmp_path):
+@pytest.mark.parametrize("chunk", [64 * 2**20, 3 * 4096 + 8])  # one chunk; many, not page-aligned
+def test_a_file_mapped_weight_is_copied_and_its_pages_dropped(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(residency, "COPY_CHUNK_BYTES", chunk)
     path = tmp_path / "weights.bin"
     values = torch.randn(256, 1024)  # 1 MiB: whole pages
     values.numpy().tofile(path)

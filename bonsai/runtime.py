@@ -71,20 +71,29 @@ def release_memory() -> None:
     import gc
 
     gc.collect()
+    c = libc()
+    if c is not None:
+        c.malloc_trim(0)
+
+
+_LIBC = None
+
+
+def libc():
+    """The C library with the two calls bonsai makes into it (`malloc_trim`, `madvise`), loaded once; None where
+    there is no glibc."""
     global _LIBC
     if _LIBC is None:
         try:
             import ctypes
 
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            lib = ctypes.CDLL("libc.so.6", use_errno=True)
+            lib.malloc_trim.argtypes = [ctypes.c_size_t]
+            lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _LIBC = lib
         except (OSError, AttributeError):
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
+    return _LIBC or None
 
 
 def reset_peak_memory(device: torch.device) -> bool:

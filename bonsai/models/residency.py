@@ -24,8 +24,9 @@ import sys
 import torch
 from torch import nn
 
+from bonsai.runtime import libc
+
 MADV_DONTNEED = 4
-_LIBC: ctypes.CDLL | None = None
 
 
 def _file_mappings() -> tuple[list[int], list[int]]:
@@ -49,16 +50,12 @@ def _in_mapping(address: int, starts: list[int], ends: list[int]) -> bool:
 
 def _drop_pages(address: int, nbytes: int) -> None:
     """Drop the whole pages inside [address, address + nbytes) (the partial pages at either end are left)."""
-    global _LIBC
     page = os.sysconf("SC_PAGE_SIZE")
     lo = -(-address // page) * page
     hi = (address + nbytes) // page * page
-    if hi <= lo:
-        return
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
+    c = libc()
+    if hi > lo and c is not None:
+        c.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
 
 
 COPY_CHUNK_BYTES = 64 * 2**20  # a mapped tensor is copied, and its file pages dropped, this much at a time

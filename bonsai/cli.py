@@ -85,9 +85,8 @@ def eval_cmd(
     """Perplexity (non-overlapping windows, Wanda/SparseGPT protocol) and zero/few-shot tasks through lm-eval."""
     _quiet_transformers()
     from bonsai.data.sources import ALIASES, DATASETS, is_local_file
-    from bonsai.eval.runner import run_perplexity
-
     from bonsai.data.windows import BOS_MODES
+    from bonsai.eval.runner import run_perplexity
 
     if bos not in BOS_MODES:
         raise BonsaiError(f"unknown --bos {bos!r}: choose from {', '.join(BOS_MODES)}")
@@ -504,7 +503,7 @@ def finetune_cmd(
     dtype: str | None = typer.Option(None, help="auto|float32|bfloat16|float16 (auto: fp32 on CPU, half on GPU)."),
     device: str | None = typer.Option(None, help="auto|cpu|cuda|cuda:N."),
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="Teacher-logit caches (default: beside DIR)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in DIR from its last checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in DIR (what rerunning the same command does anyway)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoints (off by default)."),
 ) -> None:
@@ -656,8 +655,7 @@ def _print_ppl(result: dict) -> None:
     console.print(table)
 
 
-RESUME_HINT = ("prune and finetune resume from their last checkpoint when the same command is run again "
-               "(finetune with --resume)")
+RESUME_HINT = "prune, BESA and finetune resume from their last checkpoint when the same command is run again"
 
 
 class Stopped(BaseException):

@@ -21,7 +21,6 @@ import torch
 
 from bonsai.errors import BonsaiError
 
-
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 

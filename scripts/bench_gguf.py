@@ -234,7 +234,6 @@ def main() -> None:
 def hf_only(args) -> None:
     """Parent, per-layer plan and uniform, each at every width multiple, in transformers on one device."""
     import torch
-
     from bench_prune import SHAPES
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]

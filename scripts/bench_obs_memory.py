@@ -35,8 +35,8 @@ def _rss() -> int:
 def child(args) -> None:
     import torch
 
-    from bonsai.baselines.layerwise import SpillStore
-    from bonsai.prune.compensation import columns_of, damped_inverse, sequential_obs_errors, set_aside
+    from bonsai.engine.obs import columns_of, damped_inverse, sequential_obs_errors, set_aside
+    from bonsai.engine.spill import SpillStore
     from bonsai.runtime import release_memory
 
     g = torch.Generator().manual_seed(0)

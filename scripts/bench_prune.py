@@ -20,9 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
-
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +137,7 @@ def cheaper_submodels(model, adapter, keys, windows, full, args, device, t_plain
                       "utility_masked": float(u_masked[0]), "utility_skipped": float(u_skipped),
                       "kept_share": float(np.mean([m[0].float().mean().item() for m in full.values()]))}
     # (d) the probe selection's sub-models (one group each): every forward from block 0, against each one
-    #     started at its own block from the current model's kept states (`bonsai.prune.prefix`)
+    #     started at its own block from the current model's kept states (`bonsai.engine.prefix`)
     probe_full = {k: torch.ones(len(keys), adapter.group_size(k), dtype=torch.uint8) for k in keys}
     for row, k in enumerate(keys):
         probe_full[k][row, : max(1, adapter.group_size(k) // 5)] = 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The refit's statistics passes, stopped early against run through, side by side in one run.
 
-The lstsq refit (`bonsai/reconstruct.py`) visits the blocks in order; per block it needs the Gram matrix of
+The lstsq refit (`bonsai/engine/reconstruction.py`) visits the blocks in order; per block it needs the Gram matrix of
 the attention's output projection (on the block's input), then that of the MLP's (after the attention's
 refit), then the block's output for the next block. The two statistics passes used to run the whole block;
 they now stop each batch once their projection has its input (`block_statistics`), so the attention pass
@@ -62,8 +62,9 @@ def main() -> None:
         return
 
     from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
-    from bonsai.baselines.layerwise import block_outputs, block_statistics, capture_block_inputs, states_store
-    from bonsai.reconstruct import GramStats
+    from bonsai.engine.blocks import block_outputs, block_statistics, capture_block_inputs
+    from bonsai.engine.spill import states_store
+    from bonsai.engine.statistics import GramStats
     from bonsai.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
@@ -103,7 +104,8 @@ def compare_targets(args) -> None:
     import copy
 
     from bonsai.adapters import get_adapter
-    from bonsai.reconstruct import REFIT_TARGETS, remove_units
+    from bonsai.engine.reconstruction import remove_units
+    from bonsai.engine.refit import REFIT_TARGETS
     from bonsai.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)

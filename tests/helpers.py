@@ -123,3 +123,11 @@ def assert_within_one_unit(report: dict, sparsity: float, unit_params: int) -> N
     removed = t["block_params_before"] - t["block_params_after"]
     target = sparsity * t["block_params_before"]
     assert abs(removed - target) < unit_params, (removed, target, unit_params)
+
+
+def gguf_logits(path, tokens: list[int], n_ctx: int = 2048):
+    """Logits of one token window from a GGUF file, with llama.cpp loaded and freed around the call."""
+    from bonsai.export.llamacpp import GGUFModel
+
+    with GGUFModel(path, n_ctx=n_ctx) as model:
+        return model.logits(tokens)

@@ -14,7 +14,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from bonsai.models.plan import EMPTY_ATTENTION_ATTR, empty_attention_forward, set_module_attribute
+from bonsai.adapters.plan import EMPTY_ATTENTION_ATTR, empty_attention_forward, set_module_attribute
 
 ATTENTION = "attention"
 MLP = "mlp"
@@ -160,7 +160,7 @@ class ArchAdapter(ABC):
         """Next-token logits of the vocabulary entries start..stop-1 from final hidden states (after the final norm),
         exactly as the model's own forward computes them after its decoder: the head, then whatever the family does
         to its output, entry by entry (soft-capping, scaling). Lets a loss over a large vocabulary be taken a slice
-        of it at a time (`bonsai.logits`)."""
+        of it at a time (`bonsai.engine.logits`)."""
         head = self.model.get_output_embeddings()
         bias = getattr(head, "bias", None)
         return torch.nn.functional.linear(hidden, head.weight[start:stop], None if bias is None else bias[start:stop])

@@ -16,7 +16,6 @@ Only one block and its calibration activations are in memory; the dense outputs 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,20 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bonsai.baselines.layerwise import (
-    BlockInputs,
-    InputNorms,
-    block_linears,
-    block_outputs,
-    capture_block_inputs,
-    run_block,
-)
 from bonsai.baselines.wanda import wanda_scores
-from bonsai.errors import BonsaiError
+from bonsai.engine.blocks import BlockInputs, block_linears, block_outputs, capture_block_inputs, run_block
+from bonsai.engine.statistics import InputNorms
+from bonsai.engine import faults
 from bonsai.io import DamagedFile, read_json, read_safetensors, write_json_atomic, write_safetensors_atomic
 from bonsai.progress import console
 
-ABORT_ENV = "BONSAI_ABORT_AFTER_BLOCKS"
 
 
 @dataclass
@@ -145,9 +137,7 @@ def prune_besa(run, windows: torch.Tensor, progress=None) -> dict:
     state_file = state_dir / "besa-run.json"
     saved = {"fingerprint": cfg.fingerprint(), "blocks": []}
     if run.resuming:
-        saved = read_json(state_file, hint="pass --force to start the run over")
-        if saved["fingerprint"] != cfg.fingerprint():
-            raise BonsaiError(f"{run.out} holds a BESA run with other settings; pass --force to replace it")
+        saved = read_json(state_file, hint="pass --force to start the run over")  # its settings: `BaselineRun`
         saved["blocks"] = saved["blocks"][:_intact_blocks(state_dir, len(saved["blocks"]))]
     state_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(state_file, saved)
@@ -156,7 +146,6 @@ def prune_besa(run, windows: torch.Tensor, progress=None) -> dict:
     levels = torch.arange(cfg.besa_levels, dtype=torch.float32) / cfg.besa_levels
     task = progress.add_task("besa blocks", total=len(layers), completed=len(saved["blocks"]),
                              info=f"{cfg.besa_granularity}") if progress else None
-    abort_after = int(os.environ.get(ABORT_ENV, "0"))
     for i, block in enumerate(layers):
         done = i < len(saved["blocks"])
         norms = None if done else InputNorms(block_linears(block, adapter.linear_names))
@@ -177,8 +166,7 @@ def prune_besa(run, windows: torch.Tensor, progress=None) -> dict:
                                      {n: lin.weight.detach().cpu().contiguous() for n, lin in linears.items()})
             saved["blocks"].append(result)
             write_json_atomic(state_file, saved)
-            if abort_after and len(saved["blocks"]) >= abort_after:
-                os._exit(75)  # simulated crash after a block's checkpoint, for the resume test
+            faults.crash_after(faults.AFTER_BLOCKS, len(saved["blocks"]))
         inputs.hidden = targets
         if task is not None and not done:  # the task started at the blocks already done
             progress.advance(task)

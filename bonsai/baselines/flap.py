@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from bonsai.adapters.base import ATTENTION, ArchAdapter, GroupKey
-from bonsai.baselines.layerwise import InputMoments
-from bonsai.prune.selection import select_removals
+from bonsai.engine.selection import select_removals
+from bonsai.engine.statistics import InputMoments
 
 
 def column_metric(weight: torch.Tensor, variance: torch.Tensor, kind: str) -> torch.Tensor:

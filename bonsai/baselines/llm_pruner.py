@@ -42,8 +42,8 @@ def gradients(model, weights: list[torch.nn.Parameter], windows: torch.Tensor, b
               fisher: bool, progress=None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Gradient of the mean LM loss over all windows, and optionally the Fisher diagonal mean_j g_j^2
     with g_j the gradient of window j's own mean loss. The head is differentiated a chunk of positions at a time
-    (`bonsai.logits`): the gradient buffers are the memory LLM-Pruner needs beyond inference, not the logits."""
-    from bonsai.logits import ChunkedHead
+    (`bonsai.engine.logits`): the gradient buffers are the memory LLM-Pruner needs beyond inference, not the logits."""
+    from bonsai.engine.logits import ChunkedHead
 
     device = next(model.parameters()).device
     head = ChunkedHead(model)

@@ -1,7 +1,7 @@
 """`bonsai prune --method wanda|llm-pruner|besa|flap`: same data, saving, report and CLI as Bonsai.
 
 These are single-pass methods (minutes for Wanda, LLM-Pruner and FLAP); BESA checkpoints after every block.
-The structured ones (LLM-Pruner, FLAP) remove units through `bonsai.reconstruct.remove_units`, so they
+The structured ones (LLM-Pruner, FLAP) remove units through `bonsai.engine.reconstruction.remove_units`, so they
 get the same `--reconstruct` refit as Bonsai.
 """
 
@@ -15,18 +15,19 @@ import numpy as np
 import torch
 
 from bonsai.adapters import get_adapter
+from bonsai.engine.selection import check_reachable
+from bonsai.engine.run_folder import open_run_folder
 from bonsai.errors import BonsaiError
-from bonsai.io import write_json_atomic
+from bonsai.io import read_json, write_json_atomic
 from bonsai.models.checks import count_nonzero
 from bonsai.progress import console, make_progress
 from bonsai.prune.config import PruneConfig
-from bonsai.prune.selection import check_reachable
 from bonsai.runtime import peak_memory
 
 
 def linear_zero_fraction(adapter) -> tuple[int, int]:
     """(zeros, weights) over the block linears the adapter lists."""
-    from bonsai.baselines.layerwise import block_linears
+    from bonsai.engine.blocks import block_linears
 
     zeros = total = 0
     for block in adapter.layers():
@@ -45,15 +46,10 @@ class BaselineRun:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.state_dir = self.out / ".bonsai"
-        self.resuming = False
-        self._replace = False
-        if self.out.exists():
-            if force:
-                self._replace = True  # removed in run(), once the model and the text have been checked
-            elif cfg.method == "besa" and (self.state_dir / "besa-run.json").exists():
-                self.resuming = True  # BESA resumes block by block
-            else:
-                raise BonsaiError(f"output folder {self.out} already exists; pass --force to replace it")
+        # only BESA checkpoints (block by block); the others write their result once, at the end
+        self.folder = open_run_folder(self.out, force, cfg.fingerprint(), self._stored_settings,
+                                      what=f"{cfg.method} run")
+        self.resuming = self.folder.resuming
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
         from bonsai.data.windows import prepare_text
 
@@ -74,6 +70,13 @@ class BaselineRun:
 
         self.bos = resolve_bos(self.tokenizer, cfg.bos)
 
+    def _stored_settings(self) -> dict | None:
+        """The settings of the BESA run the folder holds (None: no run to resume)."""
+        state = self.state_dir / "besa-run.json"
+        if self.cfg.method != "besa" or not state.exists():
+            return None
+        return read_json(state, hint="pass --force to start the run over")["fingerprint"]
+
     def run(self) -> dict:
         from bonsai.data import bos_record, calibration_windows
 
@@ -82,9 +85,7 @@ class BaselineRun:
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.time()
         windows = calibration_windows(self.tokenizer, cfg.calib, cfg.calib_samples, self.seqlen, seed=cfg.seed, bos=self.bos)
-        if self._replace and self.out.exists():
-            shutil.rmtree(self.out)
-            self._replace = False
+        self.folder.clear_replaced()
         block_before = self.adapter.block_parameters()
         total_before = sum(p.numel() for p in self.model.parameters())
         with make_progress() as progress:
@@ -145,7 +146,7 @@ class BaselineRun:
 
     def _llm_pruner(self, windows, block_before: int, progress) -> dict:
         from bonsai.baselines.llm_pruner import default_layer_range, group_importance
-        from bonsai.prune.selection import select_removals
+        from bonsai.engine.selection import select_removals
 
         cfg, adapter = self.cfg, self.adapter
         uniform = cfg.allocation == "uniform"
@@ -213,7 +214,7 @@ class BaselineRun:
 
     def _global_in_multiples(self, importance: dict, target: float) -> dict:
         """One global ranking (lowest importance first) in whole steps: every group keeps a multiple of N units."""
-        from bonsai.prune.selection import GroupOrder, select_in_multiples
+        from bonsai.engine.selection import GroupOrder, select_in_multiples
 
         orders = {}
         for key, score in importance.items():
@@ -249,7 +250,7 @@ class BaselineRun:
         """Remove the dropped units of every group through the shared reconstruction (--reconstruct)."""
         from bonsai.adapters import GroupKey
         from bonsai.data import calibration_windows
-        from bonsai.reconstruct import refit_windows, remove_units, widest_projection
+        from bonsai.engine.reconstruction import refit_windows, remove_units, widest_projection
 
         cfg, adapter = self.cfg, self.adapter
         keep = {}

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from bonsai.baselines.layerwise import InputNorms, block_linears, block_outputs, capture_block_inputs, states_store
+from bonsai.engine.blocks import block_linears, block_outputs, capture_block_inputs
+from bonsai.engine.spill import states_store
+from bonsai.engine.statistics import InputNorms
 from bonsai.errors import BonsaiError
 
 SPARSITY_TYPES = ("unstructured", "2:4", "4:8")

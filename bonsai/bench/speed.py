@@ -43,7 +43,7 @@ def to_semi_structured(model) -> int:
     from torch.sparse import to_sparse_semi_structured
 
     from bonsai.adapters import get_adapter
-    from bonsai.baselines.layerwise import block_linears
+    from bonsai.engine.blocks import block_linears
 
     adapter = get_adapter(model)
     n = 0

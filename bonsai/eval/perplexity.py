@@ -30,8 +30,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 def batch_nll(model: nn.Module, batch: torch.Tensor, head=None) -> torch.Tensor:
     """Summed next-token NLL of each row of `batch`, in float32 whatever the model dtype, from the head a chunk of
-    positions at a time (`bonsai.logits`; pass one `head` for many batches)."""
-    from bonsai.logits import ChunkedHead
+    positions at a time (`bonsai.engine.logits`; pass one `head` for many batches)."""
+    from bonsai.engine.logits import ChunkedHead
 
     return (head or ChunkedHead(model)).nll(batch.to(model_device(model)))
 
@@ -40,7 +40,7 @@ def batch_nll(model: nn.Module, batch: torch.Tensor, head=None) -> torch.Tensor:
 def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
                on_batch: Callable[[int], None] | None = None) -> NllResult:
     """NLL of every next-token prediction in the windows (seqlen-1 per window)."""
-    from bonsai.logits import ChunkedHead
+    from bonsai.engine.logits import ChunkedHead
 
     device = model_device(model)
     head = ChunkedHead(model)

@@ -33,25 +33,11 @@ import numpy as np
 
 from bonsai.adapters.base import ArchAdapter
 from bonsai.errors import BonsaiError
-from bonsai.export.gguf import ZERO_MLP_WIDTH, TensorSink, _np, _rope_keys, add_embeddings, add_shape_keys
+from bonsai.export.gguf_tensors import ZERO_MLP_WIDTH, TensorSink, _np, _rope_keys, add_embeddings, add_shape_keys, uniform_sizes
 
-NATIVE = ("qwen3", "olmo2", "phi3", "granite", "gemma", "gemma2", "gemma3_text")
 GEMMA_ARCH = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 
 
-def uniform_sizes(adapter: ArchAdapter, model_type: str) -> tuple[int, int]:
-    """(attention units, MLP channels) shared by every layer, or a one-line refusal."""
-    sizes = {(adapter.attention(i).units, adapter.mlp(i).units) for i in range(adapter.num_layers)}
-    if len(sizes) != 1:
-        counts = sorted(sizes)[:4]
-        raise BonsaiError(f"llama.cpp's {model_type} builds every layer with the same sizes, and this model's layers "
-                          f"differ ((attention units, MLP channels): {counts}{' ...' if len(sizes) > 4 else ''}); "
-                          "prune with --allocation uniform to export it")
-    units, channels = sizes.pop()
-    if units == 0 or channels == 0:
-        raise BonsaiError(f"llama.cpp's {model_type} needs attention and an MLP in every layer; this model has "
-                          f"{units} attention units and {channels} MLP channels per layer")
-    return units, channels
 
 
 def _common_keys(writer, config, adapter: ArchAdapter, sink: TensorSink, units: int, channels: int) -> int:
@@ -180,25 +166,6 @@ def write_phi3(writer_factory, model, adapter: ArchAdapter, dtype: str, report: 
     return sink
 
 
-def write_granite(writer_factory, model, adapter: ArchAdapter, dtype: str, report: dict) -> TensorSink:
-    """Granite 3.x as llama.cpp's granite: the llama layout with its embedding, residual, attention and logit
-    multipliers (uniform sizes only: llama.cpp's granite loader takes every layer's sizes from layer 0)."""
-    from bonsai.export.gguf import _write_llama
-
-    config = model.config
-    uniform_sizes(adapter, "granite")
-
-    def granite(_arch: str):
-        writer = writer_factory("granite")
-        writer.add_attention_scale(float(config.attention_multiplier))
-        writer.add_embedding_scale(float(config.embedding_multiplier))
-        writer.add_residual_scale(float(config.residual_multiplier))
-        writer.add_logit_scale(float(config.logits_scaling))
-        return writer
-
-    sink = _write_llama(granite, model, adapter, dtype, report)
-    report["architecture"] = "granite"
-    return sink
 
 
 def _llama_cpp_gemma_scale(arch: str, n_layer: int, d: int, n_head: int, head_dim: int) -> float:

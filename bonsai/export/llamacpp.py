@@ -87,12 +87,6 @@ class GGUFModel:
         self.close()
 
 
-def gguf_logits(path: str | Path, tokens: list[int], n_ctx: int = 2048) -> np.ndarray:
-    """Logits of one token window from a GGUF file, with llama.cpp loaded and freed around the call."""
-    with GGUFModel(path, n_ctx=n_ctx) as model:
-        return model.logits(tokens)
-
-
 class GGUFTokenizer:
     """Just enough of a Hugging Face tokenizer for bonsai's windowing, tokenising through llama.cpp."""
 

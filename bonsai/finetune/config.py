@@ -7,10 +7,9 @@ from dataclasses import asdict, dataclass, fields
 
 import yaml
 
+from bonsai.engine.divergence import KL_DIRECTIONS
 from bonsai.errors import BonsaiError
-from bonsai.finetune.distill import KL_DIRECTIONS
-from bonsai.prune.config import CONFIG_DIR, find_config
-
+from bonsai.presets import CONFIG_DIR, find_config
 
 # what a run checkpointed before a setting existed did, where that differs from the setting's default now
 LEGACY_SETTINGS = {"bos": "never"}

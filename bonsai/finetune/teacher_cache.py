@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from bonsai.finetune.distill import TopK, teacher_topk
+from bonsai.engine.divergence import TopK, teacher_topk
 from bonsai.io import DamagedFile, read_json, read_safetensors, write_json_atomic, write_safetensors_atomic
 from bonsai.progress import console
 

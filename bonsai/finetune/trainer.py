@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import pickle
 import shutil
 import time
@@ -20,23 +19,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bonsai.engine.divergence import topk_kl
+from bonsai.engine import faults
+from bonsai.engine.run_folder import RunFolder, open_run_folder
 from bonsai.errors import BonsaiError
 from bonsai.eval.perplexity import window_nll
 from bonsai.finetune.config import LEGACY_SETTINGS, FinetuneConfig
-from bonsai.finetune.distill import topk_kl
-from bonsai.models.checks import check_finite
 from bonsai.io import DamagedFile, disk_errors, read_json, read_safetensors, write_json_atomic, write_safetensors_atomic
+from bonsai.models.checks import check_finite
 from bonsai.progress import console, make_progress
 from bonsai.runtime import peak_memory
 
 STATE_DIR = ".bonsai-finetune"
-ABORT_ENV = "BONSAI_ABORT_AFTER_STEPS"  # tests: simulate a crash after the checkpoint at this step
 MAX_GRAD_NORM = 1.0
 
 
 def lora_targets(model, adapter) -> list[str]:
     """Full names of every non-empty block linear the adapter lists (LoRA on a 0-row layer is meaningless)."""
-    from bonsai.baselines.layerwise import block_linears
+    from bonsai.engine.blocks import block_linears
 
     prefix = {id(m): n for n, m in model.named_modules()}[id(adapter.layers())]
     return [f"{prefix}.{i}.{name}" for i, block in enumerate(adapter.layers())
@@ -65,34 +65,26 @@ class FinetuneRun:
         self.state_dir = self.out / STATE_DIR
         self.trust_remote_code = trust_remote_code
         self.finished_report: dict | None = None
-        self._replace = False
-        self.resuming = self._prepare_dir(force, resume)
+        self.folder = self._open_folder(force)  # `resume`: kept for scripts; rerunning the command resumes anyway
+        self.resuming = self.folder.resuming
 
     # ---- output folder ------------------------------------------------------------------------
-    def _prepare_dir(self, force: bool, resume: bool) -> bool:
-        if not self.out.exists():
-            return False
-        if force:  # removed in run(), once the model, the tokenizer and the text have been checked
-            self._replace = True
-            return False
-        run_file = self.state_dir / "run.json"
-        if run_file.exists():
-            if not resume:
-                raise BonsaiError(f"{self.out} holds an unfinished finetune run; pass --resume to continue it "
-                                  "or --force to replace it")
-            saved = read_json(run_file, hint="pass --force to start over")["fingerprint"]
-            saved = {**{k: v for k, v in LEGACY_SETTINGS.items() if k not in saved}, **saved}
-            if saved != self.cfg.fingerprint():
-                diff = sorted(k for k in set(saved) | set(self.cfg.fingerprint())
-                              if saved.get(k) != self.cfg.fingerprint().get(k))
-                raise BonsaiError(f"{self.out} holds a finetune run with other settings ({', '.join(diff)}); "
-                                  "pass --force to replace it")
-            return True
-        report = self.out / "report.json"
-        if resume and report.exists() and read_json(report).get("kind") == "finetune":
-            self.finished_report = read_json(report)
-            return True
-        raise BonsaiError(f"output folder {self.out} already exists; pass --force to replace it")
+    def _open_folder(self, force: bool) -> RunFolder:
+        """The output folder's rule (`bonsai.engine.run_folder`): an unfinished run resumes from its checkpoint, a
+        finished one is reported again (`finished_report`)."""
+        run_file, report = self.state_dir / "run.json", self.out / "report.json"
+
+        def stored() -> dict | None:
+            if run_file.exists():
+                return read_json(run_file, hint="pass --force to start over")["fingerprint"]
+            if report.exists() and read_json(report).get("kind") == "finetune":
+                self.finished_report = read_json(report)
+                settings = self.finished_report.get("settings") or self.cfg.fingerprint()
+                return {k: v for k, v in settings.items() if k in self.cfg.fingerprint()}
+            return None
+
+        return open_run_folder(self.out, force, self.cfg.fingerprint(), stored, legacy=LEGACY_SETTINGS,
+                               what="finetune run")
 
     # ---- the run ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -115,8 +107,7 @@ class FinetuneRun:
 
         train, held, where = finetune_windows(tokenizer, cfg.data, cfg.seqlen, cfg.samples, cfg.eval_windows, cfg.seed,
                                               bos=resolve_bos(tokenizer, cfg.bos))
-        if self._replace and self.out.exists():
-            shutil.rmtree(self.out)
+        self.folder.clear_replaced()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.state_dir / "run.json", {"fingerprint": cfg.fingerprint()})
         with make_progress() as progress:
@@ -158,9 +149,9 @@ class FinetuneRun:
 
     def _train(self, train, held, where, cache, cache_info, tokenizer, device, progress) -> dict:
         from accelerate import Accelerator
+        from transformers import get_linear_schedule_with_warmup
 
         from bonsai.data import bos_record
-        from transformers import get_linear_schedule_with_warmup
 
         cfg = self.cfg
         model, adapter, save_dtype, dtype = self._load_student(device)
@@ -207,7 +198,6 @@ class FinetuneRun:
                 orders[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(train.shape[0])
             return orders[epoch][i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
 
-        abort_after = int(os.environ.get(ABORT_ENV, "0"))
         task = progress.add_task("finetune steps", total=total_steps, completed=state["step"], info="")
         model.train()
         window_loss = {"loss": 0.0, "task": 0.0, "kl": 0.0, "n": 0}
@@ -251,8 +241,7 @@ class FinetuneRun:
                 state["step"] = done
                 state["elapsed"] = prior_elapsed + time.time() - self.t_process
                 self._save_checkpoint(accelerator.unwrap_model(model), optimizer, scheduler, state)
-                if abort_after and done >= abort_after:
-                    os._exit(75)  # simulated crash right after a checkpoint, for the resume tests
+                faults.crash_after(faults.AFTER_STEPS, done)
         progress.remove_task(task)
         state["step"] = total_steps
         model = accelerator.unwrap_model(model)

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bonsai.models.residency import own_mapped_weights
+from bonsai.adapters.plan import PLAN_KEY, apply_plan
 from bonsai.errors import BonsaiError
 from bonsai.io import read_json
 from bonsai.models.aliases import resolve_model_name
-from bonsai.models.plan import PLAN_KEY, apply_plan
+from bonsai.models.residency import own_mapped_weights
 from bonsai.runtime import hub_reachable, resolve_device, resolve_dtype
 
 _PRUNED_CLASSES: dict[type, type] = {}

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from bonsai.adapters import get_adapter
+from bonsai.adapters import plan as plan_module
 from bonsai.adapters.base import ArchAdapter
+from bonsai.adapters.plan import EMPTY_ATTENTION_ATTR, PLAN_KEY, PLAN_VERSION
 from bonsai.errors import BonsaiError
 from bonsai.io import disk_errors
-from bonsai.models import plan as plan_module
-from bonsai.models.plan import EMPTY_ATTENTION_ATTR, PLAN_KEY, PLAN_VERSION
 
 MODELING_FILE = "modeling_bonsai.py"
 

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from importlib import resources
-from pathlib import Path
 
 import yaml
 
 from bonsai.errors import BonsaiError
+from bonsai.presets import find_config
 
-# presets ship inside the package, so a wheel or a non-editable install finds them (importlib.resources)
-CONFIG_DIR = Path(str(resources.files("bonsai") / "configs"))
 # what a run checkpointed before a setting existed did, where that differs from the setting's default now
 LEGACY_SETTINGS = {"sequential_obs": False, "split_probes": 1, "refit_target": "own", "bos": "never"}
 PAPER_P_ITER = 0.05  # Table 9: 5% of the model per iteration
@@ -33,7 +30,6 @@ METHOD_DEFAULTS = {
     "flap": {"calib_samples": 1024, "seqlen": 128},  # FLAP: 1024 samples of 128 tokens (wikitext2)
 }
 STRUCTURED_METHODS = BONSAI_METHODS + ("llm-pruner", "flap")
-PRIOR_NAMES = ("wanda", "activation", "magnitude", "uniform", "obs")
 SELECTIONS = ("probe", "paper")
 UNIT_KINDS = ("attention", "mlp")
 
@@ -140,6 +136,8 @@ class PruneConfig:
             raise BonsaiError(f"--samples must be at least 4 (got {self.samples})")
         if self.method not in METHODS:
             raise BonsaiError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
+        from bonsai.prune.priors import PRIOR_NAMES
+
         if self.prior not in PRIOR_NAMES:
             raise BonsaiError(f"unknown prior {self.prior!r}: choose from {', '.join(PRIOR_NAMES)}")
         if self.utility not in ("loss", "kl"):
@@ -166,8 +164,10 @@ class PruneConfig:
             raise BonsaiError(f"--adaptive-tol must be in [0, 1) (got {self.adaptive_tol})")
         if self.method == "no-regression" and self.selection != "paper":
             raise BonsaiError("no-regression is an ablation of the paper's regression: use it with --selection paper")
-        if self.regression not in ("lasso", "ridge"):
-            raise BonsaiError(f"unknown regression {self.regression!r}: choose lasso or ridge")
+        from bonsai.prune.regression import REGRESSIONS
+
+        if self.regression not in REGRESSIONS:
+            raise BonsaiError(f"unknown regression {self.regression!r}: choose from {', '.join(REGRESSIONS)}")
         bad = [u for u in self.unit_kinds if u not in UNIT_KINDS] or (not self.unit_kinds and ["(none)"])
         if bad:
             raise BonsaiError(f"unknown --units {','.join(bad)}: use attention, mlp or attention,mlp")
@@ -183,7 +183,7 @@ class PruneConfig:
             raise BonsaiError(f"--batch-size must be at least 1 (got {self.batch_size})")
         if self.method in BASELINE_METHODS:
             self._validate_baseline()
-        from bonsai.reconstruct import RECONSTRUCT_MODES
+        from bonsai.engine.refit import RECONSTRUCT_MODES
 
         if self.compensate is None:
             self.compensate = self.reconstruct == "lstsq"  # the probes' compensation is the lstsq refit's
@@ -199,7 +199,7 @@ class PruneConfig:
         if self.reconstruct != "none" and self.method not in STRUCTURED_METHODS:
             raise BonsaiError(f"--reconstruct {self.reconstruct} refits the layers of structured methods; "
                               f"{self.method} keeps every shape (use --reconstruct none)")
-        from bonsai.reconstruct import REFIT_TARGETS
+        from bonsai.engine.refit import REFIT_TARGETS
 
         if self.refit_target not in REFIT_TARGETS:
             raise BonsaiError(f"unknown --refit-target {self.refit_target!r}: choose from {', '.join(REFIT_TARGETS)}")
@@ -249,14 +249,6 @@ class PruneConfig:
         return d
 
 
-def find_config(name: str) -> Path:
-    path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise BonsaiError(f"config not found: {name} (looked in {CONFIG_DIR})")
 
 
 def load_config_file(name: str) -> dict:

@@ -2,11 +2,11 @@
 
 Time. A token costs its pass through the blocks and, where a loss is taken, through the head; the two are timed
 apart on the actual device and dtype (a pass that stops before the head, `logits_to_keep=1`, and one scored by
-the chunked head of `bonsai.logits`), since a large vocabulary makes the head most of a forward (Gemma-3-270M:
+the chunked head of `bonsai.engine.logits`), since a large vocabulary makes the head most of a forward (Gemma-3-270M:
 168M of its 268M parameters). Per iteration, in tokens (C: calibration, R: refit):
   prior pass                 C through the blocks and the head
   unit errors                R through the blocks, plus sequential OBS (its matrix products, timed)
-  sub-models                 n x C: a probe of layer i runs blocks i.. and the head (`prune.prefix`), on average
+  sub-models                 n x C: a probe of layer i runs blocks i.. and the head (`engine.prefix`), on average
                              (L+1)/2L of the blocks, plus one pass of C to advance the kept states
   refit                      3 x R through the blocks (2 x R for a parallel block; 0 with --reconstruct none),
                              4 x R with --refit-target residual (one pass over the reference stream)
@@ -14,7 +14,7 @@ The blocks' share shrinks as the model does (by p_iter a step); the Gram solves 
 
 Memory. The model as loaded and touched, then the largest of what each phase adds: the scored batch (its
 activations and one chunk of logits, measured), one layer's Gram matrix and its inverse, the block states
-(or two batches of them where they wait outside, `layerwise.states_store`), the candidates' columns of each
+(or two batches of them where they wait outside, `spill.states_store`), the candidates' columns of each
 H^-1 (host memory; on a CPU at most HOST_STATES_SHARE of the model before they go to a file) and the probes'
 corrections.
 """
@@ -26,10 +26,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bonsai.baselines.layerwise import HOST_STATES_SHARE, states_store
-from bonsai.prune.compensation import CORRECTION_CACHE_BYTES, CORRECTION_CACHE_SHARE, OBS_BLOCK
+from bonsai.engine.compensation import CORRECTION_CACHE_BYTES, CORRECTION_CACHE_SHARE
+from bonsai.engine.obs import OBS_BLOCK
+from bonsai.engine.reconstruction import refit_windows, widest_projection
+from bonsai.engine.spill import HOST_STATES_SHARE, states_store
+from bonsai.engine.statistics import gram_dtype
 from bonsai.prune.config import PruneConfig
-from bonsai.reconstruct import gram_dtype, refit_windows, widest_projection
 from bonsai.runtime import current_memory, peak_memory, release_memory, reset_peak_memory
 
 
@@ -127,7 +129,7 @@ def _obs_seconds(adapter, groups, cfg: PruneConfig, device: torch.device, unit_p
 def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: int, parallel_block: bool,
              unit_p_iter: float | None = None) -> CostEstimate:
     """Time and measure one batch through the blocks and through the scored head, and extrapolate to the run."""
-    from bonsai.logits import ChunkedHead
+    from bonsai.engine.logits import ChunkedHead
 
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]

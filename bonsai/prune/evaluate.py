@@ -2,7 +2,7 @@
 
 Sub-models are virtual (masks on a live model). Rows of a batch may belong to different sub-models,
 so small calibration sets still fill a batch (rows of one batch share the block their sub-models first
-differ from the current model in: the forward starts there, `bonsai.prune.prefix`). The loss is
+differ from the current model in: the forward starts there, `bonsai.engine.prefix`). The loss is
 accumulated in float32/64.
 """
 
@@ -17,15 +17,15 @@ import torch
 from torch import nn
 
 from bonsai.adapters.base import ArchAdapter, GroupKey
+from bonsai.engine.divergence import TopK
+from bonsai.engine.logits import ChunkedHead
+from bonsai.engine.masks import UnitMasks
+from bonsai.engine.prefix import BlockPrefix, first_changed_layer
 from bonsai.eval.perplexity import model_device
-from bonsai.finetune.distill import TopK
-from bonsai.logits import ChunkedHead
-from bonsai.masking import UnitMasks
-from bonsai.prune.prefix import BlockPrefix, first_changed_layer
 from bonsai.prune.priors import NEEDS_ACTIVATIONS, ActivationStats, unit_prior
 
 if TYPE_CHECKING:
-    from bonsai.prune.compensation import Inverse
+    from bonsai.engine.compensation import Inverse
 
 
 REFERENCE_TOP_K = 64  # next-token log-probabilities kept per position for the KL utility
@@ -73,8 +73,8 @@ class SubModelEvaluator:
                  candidates: dict[GroupKey, torch.Tensor] | None = None, reference: TopK | None = None,
                  reuse_prefix: bool = True):
         """`reuse_prefix`: start each sub-model's forward at its first changed block, from the current model's
-        states there (`bonsai.prune.prefix`; not when per-sample priors need every block's activations).
-        `compensation` (group -> (H^-1[:, C], C, mean), see `bonsai.prune.compensation`) evaluates every sub-model
+        states there (`bonsai.engine.prefix`; not when per-sample priors need every block's activations).
+        `compensation` (group -> (H^-1[:, C], C, mean), see `bonsai.engine.compensation`) evaluates every sub-model
         with its dropped units compensated; `candidates` (group -> candidate unit indices) then says which
         columns of the full masks those are."""
         self.model, self.adapter, self.groups = model, adapter, groups
@@ -93,7 +93,7 @@ class SubModelEvaluator:
     def _masks(self):
         if self.compensation is None:
             return UnitMasks(self.adapter, self.groups)
-        from bonsai.prune.compensation import CompensatedMasks
+        from bonsai.engine.compensation import CompensatedMasks
 
         return CompensatedMasks(self.adapter, {k: self.compensation[k] for k in self.groups})
 

@@ -12,11 +12,11 @@ from collections.abc import Callable
 import torch
 
 from bonsai.adapters.base import ArchAdapter, GroupKey
-from bonsai.hooks import PreHooks
+from bonsai.engine.hooks import PreHooks
 
 PRIORS: dict[str, Callable] = {}
 NEEDS_ACTIVATIONS = {"wanda", "activation"}
-# computed from each group's Gram matrix by `bonsai.prune.compensation.group_statistics`, not by these hooks
+# computed from each group's Gram matrix by `bonsai.engine.compensation.group_statistics`, not by these hooks
 NEEDS_GRAM = {"obs"}
 
 
@@ -88,6 +88,10 @@ def magnitude_prior(adapter: ArchAdapter, key: GroupKey, sq=None, absum=None, to
 @register_prior("uniform")
 def uniform_prior(adapter: ArchAdapter, key: GroupKey, sq=None, absum=None, tokens: int = 0) -> torch.Tensor:
     return torch.ones(adapter.group_size(key))
+
+
+# every prior a run may name: the hooks' registry, then those computed from the Gram matrices
+PRIOR_NAMES = (*PRIORS, *sorted(NEEDS_GRAM))
 
 
 def unit_prior(name: str, adapter: ArchAdapter, key: GroupKey, sq: torch.Tensor | None,

@@ -8,8 +8,6 @@ physical slicing. The ablations share the loop and differ only in how candidates
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,25 +18,31 @@ import torch
 from bonsai.adapters import KINDS, GroupKey, get_adapter
 from bonsai.adapters.base import ArchAdapter
 from bonsai.distributed import Dist
+from bonsai.engine.compensation import group_statistics
+from bonsai.engine.reconstruction import RemovalReport, remove_units
+from bonsai.engine.selection import (
+    GroupOrder,
+    changed_share,
+    check_reachable,
+    select_in_multiples,
+    select_removals,
+    uniform_options,
+)
+from bonsai.engine import faults
+from bonsai.engine.run_folder import RunFolder, open_run_folder
 from bonsai.errors import BonsaiError
 from bonsai.io import write_json_atomic
 from bonsai.progress import console, make_progress
 from bonsai.prune.config import LEGACY_SETTINGS, PruneConfig
-from bonsai.prune.compensation import group_statistics
 from bonsai.prune.evaluate import SubModelEvaluator, prior_pass
 from bonsai.prune.priors import NEEDS_GRAM
+from bonsai.prune.regression import fit_unit_scores
 from bonsai.prune.sampling import candidate_units, probe_masks, sample_masks
 from bonsai.prune.scoring import unit_scores
-from bonsai.prune.regression import fit_unit_scores
-from bonsai.prune.selection import (GroupOrder, changed_share, check_reachable, select_in_multiples, select_removals,
-                                   uniform_options)
 from bonsai.prune.state import IterationState, RunState, StateStore
-from bonsai.reconstruct import RemovalReport, remove_units
 from bonsai.runtime import PhasePeaks
 
 TAU_RISE = 0.01  # adaptive sampling: a CV tau higher than the last round's by more than this is still rising
-ABORT_ENV = "BONSAI_ABORT_AFTER_EVALS"  # tests: simulate a crash after N sub-model evaluations
-ABORT_RECON_ENV = "BONSAI_ABORT_IN_RECONSTRUCTION"  # tests: "T:B" crashes iteration T's refit after block B
 
 
 @dataclass
@@ -98,11 +102,8 @@ class PruneRun:
         self.out = Path(out_dir)
         self.store = StateStore(self.out)
         self.dist = Dist()
-        self._replace = False
-        if dry_run:
-            self.resuming = False
-        else:
-            self._prepare_dir(force)
+        self.folder = RunFolder(self.out) if dry_run else self._open_folder(force)
+        self.resuming = self.folder.resuming
         from bonsai.eval.runner import default_seqlen
         from bonsai.models.checks import check_finite
         from bonsai.models.loading import load_model, load_tokenizer
@@ -138,36 +139,12 @@ class PruneRun:
         self.on_iteration = None  # called with each finished iteration's report entry (`--log-json`)
 
     # ---- output folder and state ---------------------------------------------------------
-    def _prepare_dir(self, force: bool) -> None:
-        if not self.out.exists():
-            self.resuming = False
-            return
-        if force:  # removed only once the model and the text have been checked (`_clear_replaced`)
-            self._replace = True
-            self.resuming = False
-            return
-        if not self.store.exists():
-            raise BonsaiError(f"output folder {self.out} already exists and holds no bonsai run; pass --force to replace it")
-        state = self.store.load()
-        # settings added since the run was checkpointed count as their defaults (what that version did)
-        defaults = {**PruneConfig().to_dict(), **LEGACY_SETTINGS}
-        stored = {**{k: defaults[k] for k in self.cfg.fingerprint() if k not in state.fingerprint}, **state.fingerprint}
-        if stored != self.cfg.fingerprint():
-            diff = sorted(k for k in set(stored) | set(self.cfg.fingerprint())
-                          if stored.get(k) != self.cfg.fingerprint().get(k))
-            raise BonsaiError(f"{self.out} holds a run with other settings ({', '.join(diff)}); "
-                              "pass --force to replace it or choose another --out")
-        self.resuming = True
-
-    def _clear_replaced(self) -> None:
-        """`--force`: remove the old folder, now that nothing can fail before the new run writes."""
-        if not self._replace:
-            return
-        self.dist.barrier()  # every process has looked before the folder goes
-        if self.dist.is_main and self.out.exists():
-            shutil.rmtree(self.out)
-        self.dist.barrier()
-        self._replace = False
+    def _open_folder(self, force: bool) -> RunFolder:
+        """The output folder's rule (`bonsai.engine.run_folder`); settings added since a run was checkpointed
+        count as their defaults then (LEGACY_SETTINGS, else today's)."""
+        return open_run_folder(self.out, force, self.cfg.fingerprint(),
+                               lambda: self.store.load().fingerprint if self.store.exists() else None,
+                               legacy={**PruneConfig().to_dict(), **LEGACY_SETTINGS})
 
     def _initial_state(self) -> RunState:
         if self.resuming:
@@ -176,7 +153,7 @@ class PruneRun:
             self._refit_windows = state.refit_windows or self.cfg.reconstruct_samples or self.cfg.calib_samples
             self._restore(state)
             return state
-        from bonsai.reconstruct import refit_windows, widest_projection
+        from bonsai.engine.reconstruction import refit_windows, widest_projection
 
         # from the parent's widest projection, so that the count stays the same through the run
         self._refit_windows = refit_windows(self.cfg.reconstruct_samples, self.cfg.calib_samples,
@@ -230,7 +207,7 @@ class PruneRun:
     def run(self) -> dict:
         if not self.resuming:
             self._windows(0)  # text too short for a window, or unreachable: refused before anything is written
-        self._clear_replaced()
+        self.folder.clear_replaced(self.dist.barrier, self.dist.is_main)
         state = self._initial_state()
         if state.finished and self._saved():
             console.print(f"{self.out} already holds the finished run; nothing to do")
@@ -515,7 +492,6 @@ class PruneRun:
                                     prior=cfg.prior if cfg.method == "no-regression" else None)
         task = progress.add_task(f"sub-models (iter {it.iteration + 1})", total=len(it.masks) * len(windows),
                                  completed=int(it.done.sum()) * len(windows), info="")
-        abort_after = int(os.environ.get(ABORT_ENV, "0"))
         chunks = [pending[i:i + cfg.checkpoint_every] for i in range(0, len(pending), cfg.checkpoint_every)]
         world, rank = self.dist.world, self.dist.rank
         for round_start in range(0, len(chunks), world):
@@ -528,8 +504,7 @@ class PruneRun:
             if self.dist.is_main:
                 self.store.save_iteration(it)
             self.evals_this_process += sum(len(c) for c in chunks[round_start:round_start + world])
-            if abort_after and self.evals_this_process >= abort_after:
-                os._exit(75)  # simulated crash, after the checkpoint, for the resume tests
+            faults.crash_after(faults.AFTER_EVALS, self.evals_this_process)
         progress.remove_task(task)
         if release:
             self._compensation = None
@@ -688,7 +663,7 @@ class PruneRun:
         else:
             report = remove_units(self.model, self.adapter, keep, self._recon_windows(t) if refit else None,
                                   cfg.reconstruct, cfg.reconstruct_damp, cfg.batch_size, progress,
-                                  on_warning=lambda m: console.print(f"[yellow]{m}"), on_block=_abort_hook(t),
+                                  on_warning=lambda m: console.print(f"[yellow]{m}"), on_block=faults.reconstruction_crash(t),
                                   target=cfg.refit_target, kinds=cfg.unit_kinds)
         for key, kept in keep.items():
             original = state.kept[str(key)]
@@ -774,19 +749,6 @@ class PruneRun:
         for name in ("report.json", "report.png"):
             (self.out / ".bonsai" / name).unlink(missing_ok=True)
         return report
-
-
-def _abort_hook(t: int):
-    """Tests: exit like a crash in the middle of iteration t's reconstruction (see ABORT_RECON_ENV)."""
-    target = os.environ.get(ABORT_RECON_ENV, "")
-    if not target:
-        return None
-    iteration, block = (int(x) for x in target.split(":"))
-
-    def hook(i: int) -> None:
-        if t + 1 == iteration and i == block:
-            os._exit(75)
-    return hook
 
 
 def _summary(removal: RemovalReport) -> dict | None:

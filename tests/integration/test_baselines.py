@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bonsai.adapters import get_adapter
-from bonsai.baselines.layerwise import block_linears
 from bonsai.cli import main
+from bonsai.engine.blocks import block_linears
 from bonsai.eval.runner import run_perplexity
 from bonsai.models.loading import load_model
 

@@ -15,13 +15,14 @@ import torch
 from helpers import tiny_model
 
 from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
+from bonsai.engine.reconstruction import remove_units
 from bonsai.export.gguf import write_gguf
-from bonsai.reconstruct import remove_units
 
 pytestmark = pytest.mark.integration
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from bonsai.export.llamacpp import GGUFModel, gguf_logits, gguf_perplexity  # noqa: E402
+from bonsai.export.llamacpp import GGUFModel, gguf_perplexity  # noqa: E402
+from helpers import gguf_logits  # noqa: E402
 
 TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
         "and darkness was upon the face of the deep.\n\n  Numbers 1234 and 56, symbols: $%& (x) -- 'quoted' \"twice\"!")

@@ -123,7 +123,7 @@ def test_uniform_prune_exports_to_llama_cpp(family, checkpoints, tmp_path, tiny_
     import numpy as np
 
     from bonsai.export.gguf import write_gguf
-    from bonsai.export.llamacpp import gguf_logits
+    from helpers import gguf_logits
 
     cfg = PruneConfig(model=str(checkpoints[family]), sparsity=0.3, p_iter=0.15, allocation="uniform", units=units(family),
                       **FAST).validate()

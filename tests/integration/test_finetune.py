@@ -99,10 +99,10 @@ def test_resumed_run_equals_uninterrupted(merged_run, pruned, tmp_path):
     crashed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert crashed.returncode == 75, crashed.stderr
     assert (resumed / ".bonsai-finetune" / "checkpoint" / "trainable.safetensors").exists()
-    refused = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "--resume" in refused.stderr
-    done = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)  # the same command resumes
     assert done.returncode == 0, done.stderr
+    again = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)  # finished: reported
+    assert again.returncode == 0 and "already holds the finished run" in again.stdout, again.stderr
     a, b = load_file(str(out / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:

@@ -8,15 +8,15 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from helpers import assert_within_one_unit
+from safetensors.torch import load_file
 
 from bonsai.adapters import get_adapter
+from bonsai.engine.reconstruction import REFIT_TOKENS_PER_COLUMN
 from bonsai.eval.runner import run_perplexity
 from bonsai.models.loading import load_model
 from bonsai.prune.config import PAPER_P_ITER, PROBE_P_ITER, PROBE_P_ITER_UNREFIT, PruneConfig, build_config
 from bonsai.prune.runner import PruneRun
-from bonsai.reconstruct import REFIT_TOKENS_PER_COLUMN
 
 pytestmark = pytest.mark.integration
 # the tests that read the tiny_runs fixture stay on one xdist worker, which builds it once
@@ -344,7 +344,7 @@ def test_uniform_split_is_measured_and_the_best_measured_is_kept(tmp_path):
 
     from bonsai.adapters import GroupKey
     from bonsai.data import calibration_windows
-    from bonsai.masking import UnitMasks
+    from bonsai.engine.masks import UnitMasks
 
     kw = dict(model="tiny", sparsity=0.3, p_iter=0.3, allocation="uniform", reconstruct="none", utility="loss")
     run, report = prune(tmp_path / "u", **kw)
@@ -384,7 +384,7 @@ def test_uniform_allocation_saves_a_stock_config(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from bonsai.adapters import GroupKey, get_adapter
-    from bonsai.masking import UnitMasks
+    from bonsai.engine.masks import UnitMasks
 
     run, report = prune(tmp_path / "u", model="tiny", sparsity=0.3, p_iter=0.1, samples=8, allocation="uniform",
                         head_multiple=2, reconstruct="none")
@@ -600,7 +600,7 @@ def test_runs_checkpointed_before_a_new_setting_existed_still_resume(tmp_path):
 def test_a_resumed_run_refits_on_the_window_count_it_started_with(tmp_path, monkeypatch):
     """The refit windows' default has changed between versions: a resumed run keeps the count its state holds,
     and a state from before the count was stored resumes with what those versions used (--calib-samples)."""
-    import bonsai.reconstruct as reconstruct
+    import bonsai.engine.reconstruction as reconstruct
     from bonsai.prune import runner as runner_mod
 
     class Crash(Exception):

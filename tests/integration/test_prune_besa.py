@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bonsai.baselines.runner import BaselineRun
 from bonsai.eval.runner import run_perplexity
 from bonsai.prune.config import PruneConfig
-from bonsai.baselines.runner import BaselineRun
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("besa")]  # one worker builds the runs fixture
 

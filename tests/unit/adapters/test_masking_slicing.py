@@ -5,8 +5,8 @@ import torch
 from helpers import FAMILIES, tiny_model
 
 from bonsai.adapters import ATTENTION, GroupKey, get_adapter
+from bonsai.engine.masks import UnitMasks
 from bonsai.errors import BonsaiError
-from bonsai.masking import UnitMasks
 
 pytestmark = pytest.mark.unit
 

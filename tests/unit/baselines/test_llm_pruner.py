@@ -67,7 +67,7 @@ def test_taylor_importance_equals_autograd_by_hand(importance, aggregation, fami
 
 
 def test_gqa_groups_stay_consistent_and_sliced_equals_masked():
-    from bonsai.masking import UnitMasks
+    from bonsai.engine.masks import UnitMasks
 
     model = tiny_model("llama-gqa", "eager")
     windows = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(1))

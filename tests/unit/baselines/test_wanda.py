@@ -5,8 +5,9 @@ import torch
 from helpers import tiny_model
 
 from bonsai.adapters import get_adapter
-from bonsai.baselines.layerwise import InputNorms, block_linears
 from bonsai.baselines.wanda import parse_sparsity_type, prune_mask, prune_wanda, wanda_scores
+from bonsai.engine.blocks import block_linears
+from bonsai.engine.statistics import InputNorms
 from bonsai.errors import BonsaiError
 
 pytestmark = pytest.mark.unit

@@ -7,7 +7,9 @@ from helpers import tiny_model
 
 from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
 from bonsai.errors import BonsaiError
-from bonsai.export.gguf import ZERO_MLP_WIDTH, _layout_llama, rotary_permute, write_gguf
+from bonsai.export.gguf import write_gguf
+from bonsai.export.gguf_llama import _layout_llama
+from bonsai.export.gguf_tensors import ZERO_MLP_WIDTH, rotary_permute
 
 pytestmark = pytest.mark.unit
 gguf = pytest.importorskip("gguf")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bonsai.finetune.distill import teacher_topk, topk_kl
+from bonsai.engine.divergence import teacher_topk, topk_kl
 from bonsai.finetune.teacher_cache import find_or_build
 from bonsai.models.loading import load_model
 

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from bonsai.models import residency
 from bonsai.models.aliases import TINY_MODEL_DIR
 from bonsai.models.loading import load_model
-from bonsai.models import residency
 from bonsai.models.residency import _file_mappings, _in_mapping, own_mapped_weights
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file mappings are read from /proc")

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from bonsai.prune.config import CONFIG_DIR, build_config
+from bonsai.presets import CONFIG_DIR
+from bonsai.prune.config import build_config
 
 pytestmark = pytest.mark.unit
 

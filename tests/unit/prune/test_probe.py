@@ -6,10 +6,10 @@ import torch
 from helpers import tiny_model
 
 from bonsai.adapters import GroupKey, get_adapter
-from bonsai.finetune.distill import teacher_topk, topk_kl
+from bonsai.engine.divergence import teacher_topk, topk_kl
 from bonsai.prune.evaluate import SubModelEvaluator, prior_pass
-from bonsai.prune.scoring import probe_unit_costs
 from bonsai.prune.sampling import probe_masks
+from bonsai.prune.scoring import probe_unit_costs
 from bonsai.prune.state import IterationState
 
 pytestmark = pytest.mark.unit
@@ -35,6 +35,8 @@ def test_probe_sensitivities_are_the_slopes_of_each_groups_cost_curve():
 
 def test_kl_utility_is_zero_for_the_model_itself_and_matches_a_hand_computation():
     model = tiny_model("llama")
+    with torch.no_grad():  # sharper next-token distributions: a KL well above float32's rounding (3e-5 -> 2e-3)
+        model.lm_head.weight.mul_(8.0)
     adapter = get_adapter(model)
     windows = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(0))
     _, _, reference = prior_pass(model, adapter, adapter.groups(), windows, "wanda", 2, reference=True)
@@ -44,13 +46,13 @@ def test_kl_utility_is_zero_for_the_model_itself_and_matches_a_hand_computation(
     evaluator = SubModelEvaluator(model, adapter, adapter.groups(), windows, full, 2, reference=reference)
     utility, _ = evaluator.evaluate([0, 1])
     assert utility[0] == pytest.approx(0.0, abs=1e-6)
-    from bonsai.masking import UnitMasks
+    from bonsai.engine.masks import UnitMasks
 
     with UnitMasks(adapter) as m, torch.no_grad():
         m.set({key: full[key][1]})
         logits = model(windows).logits[:, :-1]
     expect = topk_kl(logits, teacher_topk(model(windows).logits[:, :-1].detach(), 64)).mean()
-    assert -utility[1] == pytest.approx(float(expect), rel=1e-3)  # float32 log-softmax differences
+    assert -utility[1] == pytest.approx(float(expect), rel=1e-4)  # float32 log-softmax differences
     assert utility[1] < 0
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bonsai.prune.selection import select_removals
+from bonsai.engine.selection import select_removals
 
 pytestmark = pytest.mark.unit
 
@@ -25,7 +25,7 @@ def test_zero_budget_removes_nothing():
 
 
 def _order(n, multiple, allowed, params=10, seed=0):
-    from bonsai.prune.selection import GroupOrder
+    from bonsai.engine.selection import GroupOrder
 
     rng = np.random.default_rng(seed)
     scores = np.sort(rng.random(n))
@@ -44,7 +44,7 @@ def test_steps_keep_multiples_and_start_among_candidates():
 
 @pytest.mark.parametrize("multiples", [(1, 1), (32, 2), (64, 1)])
 def test_select_in_multiples_keeps_multiples_and_the_budget_within_one_step(multiples):
-    from bonsai.prune.selection import select_in_multiples
+    from bonsai.engine.selection import select_in_multiples
 
     width, heads = multiples
     groups = [_order(512, width, 200, params=3, seed=i) for i in range(4)] + \
@@ -59,8 +59,11 @@ def test_select_in_multiples_keeps_multiples_and_the_budget_within_one_step(mult
         assert set(p) == set(g.units[:len(p)])  # a prefix of the removal order
 
 
-def test_select_uniform_takes_the_same_steps_everywhere_at_least_cost():
-    from bonsai.prune.selection import GroupOrder, select_uniform
+def test_uniform_options_take_the_same_steps_everywhere_at_least_cost_first():
+    from bonsai.engine.selection import GroupOrder, uniform_options
+
+    def select_uniform(groups, budget, cost_per_param):
+        return uniform_options(groups, budget, cost_per_param)[0][1]
 
     def group(cost, n, params):
         return GroupOrder(units=np.arange(n), scores=np.full(n, cost), unit_params=params, size=n, multiple=1,
@@ -78,7 +81,7 @@ def test_select_uniform_takes_the_same_steps_everywhere_at_least_cost():
 def test_uniform_options_never_let_a_coarse_step_overshoot_the_run_target():
     """One key/value group per layer (a head step of 1000 parameters per layer) against channels of 10: early on the
     coarse step is an option (later iterations take its overshoot back), in the last iteration it is not."""
-    from bonsai.prune.selection import GroupOrder, uniform_options
+    from bonsai.engine.selection import GroupOrder, uniform_options
 
     def group(cost, n, params):
         return GroupOrder(units=np.arange(n), scores=np.full(n, cost), unit_params=params, size=n, multiple=1,
@@ -97,7 +100,7 @@ def test_uniform_options_never_let_a_coarse_step_overshoot_the_run_target():
 def test_changed_share_counts_parameters_removed_by_one_decision_only():
     import numpy as np
 
-    from bonsai.prune.selection import changed_share
+    from bonsai.engine.selection import changed_share
 
     params = np.array([10.0, 1.0, 1.0, 5.0])
     assert changed_share(np.array([0, 1]), np.array([0, 1]), params) == 0.0

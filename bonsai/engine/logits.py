@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bonsai.engine.divergence import TopK, coarse_kl
 from bonsai.errors import BonsaiError
-from bonsai.finetune.distill import TopK, coarse_kl
 
 # float32 logits computed at once; a loss over them holds about two more such slices (its exponentials, a mask),
 # so this is what the loss adds beside the hidden states

@@ -12,7 +12,7 @@ output it had before the removal:
     none : W'_S = W[:, S]                                 (the paper's Bonsai)
 
 with G = X^T X of the projection's full input X over calibration tokens and lambda = damp x mean(diag G).
-This is the optimal-brain-surgeon update for removing the columns R (`bonsai.prune.compensation` uses the
+This is the optimal-brain-surgeon update for removing the columns R (`bonsai.engine.compensation` uses the
 same H to score units and to evaluate compensated sub-models).
 
 Statistics are sequential: block i sees hidden states that went through the already pruned
@@ -32,14 +32,13 @@ import torch
 from torch import nn
 
 from bonsai.adapters.base import ATTENTION, MLP, ArchAdapter, GroupKey
-from bonsai.baselines.layerwise import as_rows
+from bonsai.engine import spill
+from bonsai.engine.blocks import as_rows, block_outputs, block_statistics, capture_block_inputs, outputs_of, run_until
+from bonsai.engine.refit import DEFAULT_DAMP, REFIT_TARGETS, Refit, TargetStats, refit_projection
+from bonsai.engine.statistics import GramStats, gram_dtype
 from bonsai.errors import BonsaiError
-from bonsai.hooks import PreHooks
 from bonsai.runtime import release_memory
 
-RECONSTRUCT_MODES = ("lstsq", "bias", "none")
-REFIT_TARGETS = ("own", "residual")
-DEFAULT_DAMP = 1e-2
 # Tokens the refit sees per input column of the widest output projection, unless --reconstruct-samples says.
 # A Gram matrix estimated from a few tokens per column fits those tokens rather than the text: on SmolLM2 at
 # 30%, 5 tokens per column (64 x 128 for an MLP of 1,536) gave 60.2 perplexity and 21 (256 x 128) 57.8, for
@@ -61,214 +60,26 @@ def widest_projection(adapter: ArchAdapter, groups) -> int:
     return max((adapter.output_projection(k).in_features for k in groups), default=0)
 
 
-WIDE_GRAM = 4096  # input columns beyond which a CPU keeps a layer's Gram matrix in float32 too
 
 
-def gram_dtype(device: torch.device, width: int = 0) -> torch.dtype:
-    """float64 on CPU (exact enough to test against closed forms); float32 on accelerators (fast, and the
-    damping keeps the solve well conditioned), and on a CPU for layers wider than WIDE_GRAM columns: LLaMA-3-8B's
-    14,336-wide MLP needs 1.6 GB per float64 matrix and the unit errors hold four, which is more than a 2-layer
-    model's own weights."""
-    return torch.float64 if device.type == "cpu" and width <= WIDE_GRAM else torch.float32
 
 
-class GramStats(PreHooks):
-    """Running G = sum x x^T, s = sum x and n over tokens at the input of some linears (forward pre-hooks)."""
-
-    def __init__(self, linears: dict[GroupKey, nn.Linear]):
-        self.gram: dict[GroupKey, torch.Tensor] = {}
-        self.sum: dict[GroupKey, torch.Tensor] = {}
-        self.tokens: dict[GroupKey, int] = {}
-        super().__init__(linears)
-
-    def _hook(self, key: GroupKey, module: nn.Linear, args) -> None:
-        x = args[0].detach()
-        x = as_rows(x)
-        dtype = gram_dtype(x.device, x.shape[-1])
-        xd = x.to(dtype)
-        if key not in self.gram:
-            self.gram[key] = torch.zeros(x.shape[-1], x.shape[-1], dtype=dtype, device=x.device)
-            self.sum[key] = torch.zeros(x.shape[-1], dtype=dtype, device=x.device)
-            self.tokens[key] = 0
-        self.gram[key].addmm_(xd.t(), xd)
-        self.sum[key] += xd.sum(0)
-        self.tokens[key] += x.shape[0]
 
 
-@dataclass
-class Refit:
-    """New weight (and bias, or None) for the kept columns, and what it changed on calibration tokens."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    error_dropped: float  # ||(W - W[:, S] embedded) X||^2 / ||W X||^2: removal without compensation
-    error_refit: float  # the same with the refit weights (and bias)
-    damp: float  # the damping finally used (raised when the Gram matrix was not positive definite)
 
 
-def damp_scale(gram: torch.Tensor) -> float:
-    """The unit of the damping: the mean diagonal of the Gram matrix (1 if it is all zero)."""
-    scale = float(gram.diagonal().mean()) if gram.shape[0] else 0.0
-    return scale if scale > 0 else 1.0
 
 
-def _damped_cholesky(build: Callable[[], torch.Tensor], weight_dims: int, damp: float, scale: float,
-                     warn: Callable[[str], None] | None, where: str) -> tuple[torch.Tensor, float]:
-    """Cholesky factor of `build()` plus damp*scale on its first `weight_dims` diagonal entries, raising the
-    damping x10 until it is positive definite. Returns the factor and the damping used. The matrix is built
-    afresh for each try and factored in place: one k x k matrix beside the Gram matrix, where a copy to damp and
-    a new factor made three (4.4 n x n matrices at the peak of LLaMA-3-8B's MLP refit, 3.4 GB)."""
-    d = damp
-    for _ in range(8):
-        factor = build()
-        factor.diagonal()[:weight_dims] += d * scale
-        info = torch.empty((), dtype=torch.int32, device=factor.device)
-        torch.linalg.cholesky_ex(factor, out=(factor, info))
-        if int(info) == 0:
-            if d != damp and warn is not None:
-                warn(f"{where}: ill-conditioned Gram matrix, damping raised from {damp:g} to {d:g}")
-            return factor, d
-        del factor
-        d = max(d * 10, 1e-6)
-    raise BonsaiError(f"{where}: the Gram matrix of the calibration activations is not positive definite even with "
-                      f"damping {d:g}; the calibration data may be degenerate")
 
 
-def refit_projection(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, col_sum: torch.Tensor,
-                     tokens: int, keep_cols: torch.Tensor, mode: str, damp: float = DEFAULT_DAMP,
-                     warn: Callable[[str], None] | None = None, where: str = "layer",
-                     target: TargetStats | None = None) -> Refit:
-    """Closed-form refit of a linear y = W x + b restricted to input columns `keep_cols` (see module doc).
-
-    All arithmetic happens in the Gram matrix's dtype; the result is cast back to the weight's dtype.
-    With every column kept the weights are returned unchanged, unless `target` gives another output to fit
-    (`--refit-target residual`, lstsq only): then the fit is to those target outputs t, from the cross term
-    sum_t t x^T and sum_t t, with the same damping towards the current weights.
-    """
-    if target is not None:
-        return _refit_to_target(weight, bias, gram, col_sum, tokens, keep_cols, target, damp, warn, where)
-    if mode not in RECONSTRUCT_MODES:
-        raise BonsaiError(f"unknown reconstruction {mode!r}: choose from {', '.join(RECONSTRUCT_MODES)}")
-    dtype, device = gram.dtype, gram.device
-    n_in = weight.shape[1]
-    keep_cols = keep_cols.to(device=device, dtype=torch.long)
-    removed = torch.ones(n_in, dtype=torch.bool, device=device)
-    removed[keep_cols] = False
-    W = weight.detach().to(device=device, dtype=dtype)
-    b = None if bias is None else bias.detach().to(device=device, dtype=dtype)
-    if not bool(removed.any()):
-        return Refit(weight.detach().clone(), None if bias is None else bias.detach().clone(), 0.0, 0.0, 0.0)
-    if not (torch.isfinite(gram).all() and torch.isfinite(col_sum).all()):
-        raise BonsaiError(f"{where}: non-finite activation statistics (inf/NaN in the calibration forward pass); "
-                          "nothing was written. Try --dtype float32 or other calibration data")
-    W_S = W[:, keep_cols]
-    new_b = b
-    used_damp = 0.0
-    if mode == "bias":
-        mean = col_sum / max(tokens, 1)
-        shift = W[:, removed] @ mean[removed]
-        new_w, new_b = W_S, (shift if b is None else b + shift)
-    elif mode == "lstsq" and len(keep_cols) > 0:
-        # normal equations of min ||W X + b - W'_S X_S - b'||^2 + lam ||W'_S - W_S||^2, with [x_S; 1] when there is a bias
-        k = len(keep_cols)
-        rhs = W @ gram[:, keep_cols]  # W G[:, S]
-        if b is not None:
-            s_S = col_sum[keep_cols]
-            rhs = torch.cat([rhs + b[:, None] * s_S[None, :], (W @ col_sum + b * tokens)[:, None]], dim=1)
-        sol, used_damp = _damped_solve(gram, col_sum, tokens, keep_cols, b is not None, rhs, W_S, damp, warn, where)
-        new_w, new_b = (sol, b) if b is None else (sol[:, :k], sol[:, k])
-    else:  # none, or lstsq with nothing kept: the output is the (refit) bias alone
-        new_w = W_S
-        if mode == "lstsq" and tokens:
-            shift = W @ (col_sum / tokens)
-            new_b = shift if b is None else b + shift
-    err_drop, err_fit = _relative_errors(W, b, gram, col_sum, tokens, keep_cols, removed, W_S, new_w, new_b)
-    return Refit(new_w.to(weight.dtype), None if new_b is None else new_b.to(weight.dtype), err_drop, err_fit, used_damp)
 
 
-def _relative_errors(W, b, gram, col_sum, tokens, keep_cols, removed, W_S, new_w, new_b) -> tuple[float, float]:
-    """Output error over the calibration tokens, relative to the output power, of dropping and of the refit."""
-
-    def sq_err(D: torch.Tensor, db: torch.Tensor | None) -> float:
-        # sum_t ||D x_t + db||^2 = tr(D G D^T) + 2 db^T D s + n ||db||^2
-        val = (D @ gram * D).sum()
-        if db is not None:
-            val = val + 2 * db @ (D @ col_sum) + tokens * db.pow(2).sum()
-        return float(val)
-
-    power = sq_err(W, b)
-    if power <= 0:
-        return 0.0, 0.0
-    D_drop = W.clone()
-    D_drop[:, keep_cols] = 0  # W - (W_S embedded): the removed columns' contribution
-    D_fit = W.clone()
-    D_fit[:, keep_cols] -= new_w
-    db_fit = None
-    if new_b is not None:
-        db_fit = new_b.neg() if b is None else b - new_b
-    return sq_err(D_drop, None) / power, sq_err(D_fit, db_fit) / power
 
 
-@dataclass
-class TargetStats:
-    """What a refit towards other outputs t than the layer's own needs: sum_t t x^T, sum_t t, sum_t ||t||^2."""
-
-    cross: torch.Tensor  # (out, in)
-    sum: torch.Tensor  # (out,)
-    power: float
 
 
-def _damped_solve(gram: torch.Tensor, col_sum: torch.Tensor, tokens: int, keep_cols: torch.Tensor, intercept: bool,
-                  rhs: torch.Tensor, W_S: torch.Tensor, damp: float, warn, where: str) -> tuple[torch.Tensor, float]:
-    """Solve the normal equations [W'_S, b'] A = rhs + lam [W_S, 0], A = G[S,S] bordered by [s_S; n] when the fit
-    has an intercept, with the damping lam pulling towards the current weights (raised if A is ill-conditioned)."""
-    k = len(keep_cols)
-
-    def build() -> torch.Tensor:  # G[S,S] (one gather: no k x n intermediate), bordered for an intercept
-        A = gram[keep_cols[:, None], keep_cols[None, :]]
-        if intercept:
-            s_S = col_sum[keep_cols]
-            A = torch.cat([torch.cat([A, s_S[:, None]], 1),
-                           torch.cat([s_S, torch.tensor([float(tokens)], dtype=gram.dtype, device=gram.device)])[None]])
-        return A
-
-    scale = damp_scale(gram)
-    factor, used_damp = _damped_cholesky(build, k, damp, scale, warn, where)
-    rhs = rhs.clone()
-    rhs[:, :k] += used_damp * scale * W_S  # the damping pulls towards the current weights
-    return torch.cholesky_solve(rhs.t(), factor).t(), used_damp
 
 
-def _refit_to_target(weight, bias, gram, col_sum, tokens, keep_cols, target: TargetStats, damp, warn, where) -> Refit:
-    """min ||t - W'_S x_S - b'||^2 + lam ||W'_S - W_S||^2 over the calibration tokens (b' where the layer has a bias)."""
-    if not all(bool(torch.isfinite(v).all()) for v in (gram, col_sum, target.cross, target.sum)):
-        raise BonsaiError(f"{where}: non-finite activation statistics (inf/NaN in the calibration forward pass); "
-                          "nothing was written. Try --dtype float32 or other calibration data")
-    dtype, device = gram.dtype, gram.device
-    keep_cols = keep_cols.to(device=device, dtype=torch.long)
-    W = weight.detach().to(device=device, dtype=dtype)
-    b = None if bias is None else bias.detach().to(device=device, dtype=dtype)
-    W_S = W[:, keep_cols]
-    k = len(keep_cols)
-    has_bias = b is not None or k == 0  # nothing kept: the output is a bias alone
-    rhs = target.cross[:, keep_cols]
-    if has_bias:
-        rhs = torch.cat([rhs, target.sum[:, None]], dim=1)
-    sol, used_damp = _damped_solve(gram, col_sum, max(tokens, 1), keep_cols, has_bias, rhs, W_S, damp, warn, where)
-    new_w, new_b = (sol[:, :k], sol[:, k]) if has_bias else (sol, None)
-
-    def sq_err(w_S: torch.Tensor, c: torch.Tensor | None) -> float:
-        # sum_t ||t - w_S x_S - c||^2 from the statistics
-        val = target.power - 2 * (w_S * rhs_cross).sum() + (w_S @ gram_SS * w_S).sum()
-        if c is not None:
-            val = val - 2 * c @ target.sum + 2 * c @ (w_S @ col_sum[keep_cols]) + tokens * c.pow(2).sum()
-        return float(val)
-
-    rhs_cross, gram_SS = target.cross[:, keep_cols], gram[keep_cols[:, None], keep_cols[None, :]]
-    power = max(target.power, 1e-30)
-    err_drop = max(sq_err(W_S, b), 0.0) / power
-    err_fit = max(sq_err(new_w, new_b), 0.0) / power
-    return Refit(new_w.to(weight.dtype), None if new_b is None else new_b.to(weight.dtype), err_drop, err_fit, used_damp)
 
 
 @dataclass
@@ -310,7 +121,6 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
     `mode` is none, refit the output projections block by block on `windows` (see module doc). `on_block(i)`
     is called after block i is done. `target` residual (lstsq only) refits every group of `kinds` from the first
     changed block on towards the residual stream of the model as it was (see `_refit_to_residual`)."""
-    from bonsai.baselines.layerwise import block_outputs, block_statistics, capture_block_inputs, states_store
 
     if target not in REFIT_TARGETS:
         raise BonsaiError(f"unknown refit target {target!r}: choose from {', '.join(REFIT_TARGETS)}")
@@ -337,7 +147,7 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
              "the refit targets the layers' own outputs (--refit-target own)")
     layers = adapter.layers()
     last = max(k.layer for k in todo)
-    inputs = capture_block_inputs(model, layers, windows, batch_size, states_store(model, windows.numel()))
+    inputs = capture_block_inputs(model, layers, windows, batch_size, spill.states_store(model, windows.numel()))
     task = progress.add_task("reconstruction", total=last + 1, info=mode) if progress is not None else None
     for i in range(last + 1):
         block = layers[i]
@@ -393,11 +203,10 @@ def _refit_to_residual(model: nn.Module, adapter: ArchAdapter, todo: dict[GroupK
     projection) and its output. Memory: the reference's states and its two projections' outputs beside the
     own-output refit's states (in host memory on an accelerator once they are large, as there).
     """
-    from bonsai.baselines.layerwise import capture_block_inputs, outputs_of, states_store
 
     layers = adapter.layers()
     first = min(k.layer for k in todo)
-    store = states_store(model, windows.numel(), copies=6)
+    store = spill.states_store(model, windows.numel(), copies=6)
     inputs = capture_block_inputs(model, layers, windows, batch_size, store)
     for i in range(first):  # unchanged blocks: both streams are the same
         inputs.hidden = outputs_of(layers[i], inputs.hidden, inputs.kwargs_for(layers[i]), store)
@@ -445,12 +254,11 @@ def _reference_pass(block: nn.Module, attention_out: nn.Linear, mlp_out: nn.Line
                     kwargs: list[dict], store) -> tuple[list, list, list]:
     """`block`, not yet refit, on the reference stream: per batch its attention and MLP output projections'
     outputs and the block's output (the next block's reference input)."""
-    from bonsai.baselines.layerwise import outputs_of, stash
 
     attention, mlp = [], []
 
     def keep(into: list):
-        return lambda mod, args, out: into.append(stash(out, store))
+        return lambda mod, args, out: into.append(spill.stash(out, store))
 
     handles = [attention_out.register_forward_hook(keep(attention)), mlp_out.register_forward_hook(keep(mlp))]
     try:
@@ -480,7 +288,6 @@ def _residual_statistics(block: nn.Module, lin: nn.Linear, prev: nn.Linear | Non
     """G, s, n of `lin`'s input in the pruned stream and the target statistics of `_refit_to_residual`, batch by
     batch: the pruned block runs only as far as `lin`; `ref_out` (and `ref_prev`, the reference attention output
     that `prev`'s output is compared with before the MLP) come from `_reference_pass`."""
-    from bonsai.baselines.layerwise import run_until
 
     seen: dict[str, torch.Tensor] = {}
     handles = [lin.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0].detach()))]

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from bonsai.baselines.layerwise import blocks_passed_through, capture_block_inputs, run_block
+from bonsai.engine.blocks import blocks_passed_through, capture_block_inputs, run_block
 
 
 class BlockPrefix:

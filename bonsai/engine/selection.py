@@ -130,15 +130,6 @@ def uniform_options(groups: dict[str, list[GroupOrder]], budget: float, cost_per
     return [(cost, counts) for cost, _, counts in out]
 
 
-def select_uniform(groups: dict[str, list[GroupOrder]], budget: float, cost_per_param: bool) -> dict[str, int]:
-    """The same number of steps in every group of a kind (attention, mlp): the pair of step counts that reaches
-    `budget` at the least total cost (see `uniform_options`), or everything allowed when it cannot be reached."""
-    options = uniform_options(groups, budget, cost_per_param)
-    if not options:  # not reachable this iteration: take everything allowed
-        return {kind: min(len(g.steps()) for g in gs) if gs else 0 for kind, gs in groups.items()}
-    return options[0][1]
-
-
 def check_reachable(sparsity: float, prunable_params: int, block_params: int, rule: str) -> None:
     """Stop before any work when `sparsity` of the block parameters is more than the units this method may remove
     (`prunable_params`, under `rule`, e.g. "--units attention") can give, naming the largest reachable sparsity."""

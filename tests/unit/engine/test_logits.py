@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from helpers import FAMILIES, tiny_model
 
 from bonsai.adapters import get_adapter
-from bonsai.finetune.distill import teacher_topk, topk_kl
-from bonsai.logits import ChunkedHead
+from bonsai.engine.divergence import teacher_topk, topk_kl
+from bonsai.engine.logits import ChunkedHead
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from bonsai.adapters.base import ArchAdapter, GroupKey
-from bonsai.hooks import PreHooks
+from bonsai.engine.hooks import PreHooks
 
 
 class UnitMasks(PreHooks):

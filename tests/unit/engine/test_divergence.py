@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bonsai.finetune.distill import TopK, normalised, teacher_topk, topk_kl
+from bonsai.engine.divergence import TopK, normalised, teacher_topk, topk_kl
 
 pytestmark = pytest.mark.unit
 

@@ -5,9 +5,9 @@ import torch
 from helpers import FAMILIES, tiny_model
 
 from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
-from bonsai.baselines.layerwise import (HOST_STATES_SHARE, SpilledTensor, SpillStore, block_outputs, block_statistics,
-                                        capture_block_inputs, stash, states_store)
-from bonsai.reconstruct import GramStats
+from bonsai.engine.blocks import block_outputs, block_statistics, capture_block_inputs
+from bonsai.engine.spill import HOST_STATES_SHARE, SpilledTensor, SpillStore, stash, states_store
+from bonsai.engine.statistics import GramStats
 
 pytestmark = pytest.mark.unit
 

@@ -5,8 +5,8 @@ import torch
 from helpers import FAMILIES, MLP_ONLY, tiny_model
 
 from bonsai.adapters import GroupKey, get_adapter
+from bonsai.engine.prefix import first_changed_layer
 from bonsai.prune.evaluate import SubModelEvaluator, prior_pass
-from bonsai.prune.prefix import first_changed_layer
 
 pytestmark = pytest.mark.unit
 
@@ -44,7 +44,7 @@ def test_probes_started_at_their_layer_equal_full_forwards(family):
 
 
 def test_compensated_probes_started_at_their_layer_equal_full_forwards():
-    from bonsai.prune.compensation import group_statistics
+    from bonsai.engine.compensation import group_statistics
 
     model = tiny_model("llama").double()
     adapter = get_adapter(model)

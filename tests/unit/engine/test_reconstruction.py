@@ -7,15 +7,10 @@ import torch
 from helpers import FAMILIES, tiny_model
 
 from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
+from bonsai.engine.reconstruction import REFIT_TOKENS_PER_COLUMN, refit_windows, remove_units, widest_projection
+from bonsai.engine.refit import refit_projection
+from bonsai.engine.statistics import GramStats
 from bonsai.eval.perplexity import window_nll
-from bonsai.reconstruct import (
-    REFIT_TOKENS_PER_COLUMN,
-    GramStats,
-    refit_projection,
-    refit_windows,
-    remove_units,
-    widest_projection,
-)
 
 pytestmark = pytest.mark.unit
 
@@ -113,11 +108,11 @@ def test_statistics_come_from_the_pruned_prefix(family, host_states, monkeypatch
     (hooks) of the model whose earlier layers are already pruned and refit (attention before MLP; Phi in parallel).
     `host_states`: the block states kept apart from the model (as on an accelerator with large refit sets, or in a
     temporary file on a CPU)."""
-    import bonsai.baselines.layerwise as layerwise
+    import bonsai.engine.spill as spill
 
     if host_states:
-        store = torch.device("cpu") if host_states == "host" else layerwise.SpillStore()
-        monkeypatch.setattr(layerwise, "states_store", lambda model, tokens, copies=2: store)
+        store = torch.device("cpu") if host_states == "host" else spill.SpillStore()
+        monkeypatch.setattr(spill, "states_store", lambda model, tokens, copies=2: store)
     model = tiny_model(family).double()
     reference = copy.deepcopy(model)
     adapter, ref = get_adapter(model), get_adapter(reference)
@@ -227,7 +222,7 @@ def test_default_refit_windows_give_each_column_of_the_widest_projection_its_tok
 # ---- --refit-target residual -----------------------------------------------------------------------------------
 
 def _target(X, T):
-    from bonsai.reconstruct import TargetStats
+    from bonsai.engine.refit import TargetStats
 
     return TargetStats(T.T @ X, T.sum(0), float(T.pow(2).sum()))
 
@@ -326,8 +321,8 @@ def test_spilled_states_give_the_same_refit_bit_for_bit(family, monkeypatch):
     kept in memory exactly, for both refit targets and the unit errors, and leave no file behind."""
     import os
 
-    import bonsai.baselines.layerwise as layerwise
-    from bonsai.prune.compensation import group_statistics
+    import bonsai.engine.spill as spill_module
+    from bonsai.engine.compensation import group_statistics
 
     windows = torch.randint(0, 97, (6, 16), generator=torch.Generator().manual_seed(5))
     results = {}
@@ -335,11 +330,11 @@ def test_spilled_states_give_the_same_refit_bit_for_bit(family, monkeypatch):
         stores: list = []
 
         def store(model, tokens, copies=2, stores=stores):
-            stores.append(layerwise.SpillStore())
+            stores.append(spill_module.SpillStore())
             return stores[-1]
 
         if spill:
-            monkeypatch.setattr(layerwise, "states_store", store)
+            monkeypatch.setattr(spill_module, "states_store", store)
         for target in ("own", "residual"):
             model = tiny_model(family).double()
             adapter = get_adapter(model)

@@ -7,17 +7,11 @@ import torch
 from helpers import tiny_model
 
 from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
-from bonsai.prune import compensation
-from bonsai.prune.compensation import (
-    CompensatedMasks,
-    damped_inverse,
-    greedy_obs_path,
-    group_statistics,
-    obs_unit_errors,
-    sequential_obs_errors,
-    unit_errors,
-)
-from bonsai.reconstruct import GramStats, refit_projection
+from bonsai.engine import compensation, obs
+from bonsai.engine.compensation import CompensatedMasks, group_statistics
+from bonsai.engine.obs import damped_inverse, greedy_obs_path, obs_unit_errors, sequential_obs_errors, unit_errors
+from bonsai.engine.refit import refit_projection
+from bonsai.engine.statistics import GramStats
 
 pytestmark = pytest.mark.unit
 
@@ -160,7 +154,7 @@ def test_sequential_obs_is_the_greedy_joint_removal(width):
 def test_deferred_channel_path_equals_the_explicit_updates(block, monkeypatch):
     """MLP channels take the path with deferred block updates; over many blocks it follows the explicit per-step
     updates of W and H^-1: the same order, marginal errors and errors of the units left."""
-    import bonsai.prune.compensation as compensation
+    import bonsai.engine.obs as compensation
 
     monkeypatch.setattr(compensation, "OBS_BLOCK", block)
     g = torch.Generator().manual_seed(6)
@@ -209,7 +203,7 @@ def test_sequential_obs_on_h_inverse_itself_keeps_the_original_columns(aside_byt
     """With compensation kept, the MLP's sequential OBS runs on H^-1 itself (one n x n matrix less) and the probes'
     columns come from a copy set aside before: errors and columns equal those computed apart from the Gram matrix
     (a damped inverse that no path has touched)."""
-    monkeypatch.setattr(compensation, "SET_ASIDE_FILE_BYTES", aside_bytes)
+    monkeypatch.setattr(obs, "SET_ASIDE_FILE_BYTES", aside_bytes)
     model = tiny_model("llama").double()
     adapter = get_adapter(model)
     windows = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(3))
@@ -232,7 +226,7 @@ def test_sequential_obs_on_h_inverse_itself_keeps_the_original_columns(aside_byt
 
 
 def test_a_spilled_matrix_gives_its_columns_a_block_of_rows_at_a_time():
-    from bonsai.baselines.layerwise import SpillStore
+    from bonsai.engine.spill import SpillStore
 
     m = torch.randn(37, 23, dtype=torch.float64)
     cols = torch.tensor([22, 0, 5, 5, 11])

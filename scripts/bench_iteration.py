@@ -46,10 +46,10 @@ def main() -> None:
 
     from bonsai.models.loading import load_tokenizer
     from bonsai.progress import make_progress
-    from bonsai.prune import runner as runner_module
-    from bonsai.prune.config import build_config
-    from bonsai.prune.cost import estimate
-    from bonsai.prune.runner import PruneRun
+    from bonsai.methods.bonsai import runner as runner_module
+    from bonsai.methods.settings import build_config
+    from bonsai.methods.bonsai.cost import estimate
+    from bonsai.methods.bonsai.runner import PruneRun
     from bonsai.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)

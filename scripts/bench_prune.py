@@ -100,7 +100,7 @@ def cheaper_submodels(model, adapter, keys, windows, full, args, device, t_plain
     from torch.func import functional_call
 
     from bonsai.eval.perplexity import window_nll
-    from bonsai.prune.evaluate import SubModelEvaluator
+    from bonsai.methods.bonsai.evaluate import SubModelEvaluator
 
     out = {}
     n_sub = len(next(iter(full.values())))
@@ -198,9 +198,9 @@ def main():
 
     from bonsai.adapters import get_adapter
     from bonsai.eval.perplexity import window_nll
-    from bonsai.prune.evaluate import SubModelEvaluator, prior_pass
-    from bonsai.prune.regression import fit_unit_scores
-    from bonsai.prune.sampling import candidate_units, sample_masks
+    from bonsai.methods.bonsai.evaluate import SubModelEvaluator, prior_pass
+    from bonsai.methods.bonsai.regression import fit_unit_scores
+    from bonsai.methods.bonsai.sampling import candidate_units, sample_masks
     from bonsai.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)

@@ -44,23 +44,18 @@ class Runner:
         self.log: list[str] = []
 
     def pruned(self, **overrides) -> tuple[Path, dict]:
-        from bonsai.prune.config import PruneConfig
+        from bonsai.methods.registry import get_method
+        from bonsai.methods.settings import PruneConfig
 
         settings = {**self.s["prune"], **overrides}
-        if settings.get("method") in ("wanda", "llm-pruner", "besa", "flap"):  # baselines: their own settings
+        if not get_method(settings.get("method", "bonsai")).searches:  # baselines: their own settings
             settings = {k: v for k, v in settings.items() if k not in PAPER}
         key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
         path = self.out / "runs" / f"{settings['method'] if 'method' in settings else 'bonsai'}-{key}"
         if not (path / "report.json").exists():
             cfg = PruneConfig(**settings).validate()
-            if cfg.method in ("wanda", "llm-pruner", "besa", "flap"):
-                from bonsai.baselines.runner import BaselineRun
-
-                BaselineRun(cfg, path, force=True).run()
-            else:
-                from bonsai.prune.runner import PruneRun
-
-                PruneRun(cfg, path, force=path.exists()).run()
+            # a folder without its report.json (a run that stopped) is replaced
+            cfg.spec.load_runner()(cfg, path, force=not cfg.spec.searches or path.exists()).run()
             self.log.append(f"pruned {path.name}: {json.dumps(settings)}")
         return path, json.loads((path / "report.json").read_text())
 

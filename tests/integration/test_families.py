@@ -8,12 +8,12 @@ import torch
 from helpers import BOS_FAMILIES, MLP_ONLY, assert_within_one_unit, bos_adding, tiny_model
 
 from bonsai.adapters import ATTENTION, MLP, GroupKey, get_adapter
-from bonsai.baselines.runner import BaselineRun
+from bonsai.methods.one_shot import OneShotRun
 from bonsai.errors import BonsaiError
 from bonsai.models.loading import load_model
 from bonsai.models.saving import save_pruned
-from bonsai.prune.config import PruneConfig
-from bonsai.prune.runner import PruneRun
+from bonsai.methods.settings import PruneConfig
+from bonsai.methods.bonsai.runner import PruneRun
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +79,7 @@ def test_baselines_run_on_the_family(family, method, checkpoints, tmp_path):
     extra = {"llm-pruner": dict(llmp_layer_start=0)}.get(method, {})
     cfg = PruneConfig(model=str(checkpoints[family]), sparsity=0.3, method=method, units=units(family), **FAST,
                       **extra).validate()
-    run = BaselineRun(cfg, tmp_path / "out")
+    run = OneShotRun(cfg, tmp_path / "out")
     report = run.run()
     if method == "wanda":  # unstructured: the block linears' weights set to zero, per row of each
         assert report["totals"]["sparsity"] == pytest.approx(0.3, abs=0.01)
@@ -92,7 +92,7 @@ def test_baselines_run_on_the_family(family, method, checkpoints, tmp_path):
 
 
 def test_olmo2_attention_is_refused_in_one_line(checkpoints, tmp_path):
-    for cls in (PruneRun, BaselineRun):
+    for cls in (PruneRun, OneShotRun):
         cfg = PruneConfig(model=str(checkpoints["olmo2"]), sparsity=0.2, method="bonsai" if cls is PruneRun else "flap",
                           **FAST).validate()
         with pytest.raises(BonsaiError, match="OLMo-2 .* --units mlp"):

@@ -211,8 +211,8 @@ def test_full_disk_keeps_the_previous_checkpoint_and_finished_output(tmp_path, m
     from bonsai.io import DiskFull
     from bonsai.models.loading import load_model, load_tokenizer
     from bonsai.models.saving import save_pruned
-    from bonsai.prune.config import PruneConfig
-    from bonsai.prune.runner import PruneRun
+    from bonsai.methods.settings import PruneConfig
+    from bonsai.methods.bonsai.runner import PruneRun
 
     real_save = safetensors.torch.save_file
     calls = {"n": 0}

@@ -14,8 +14,8 @@ from bonsai.finetune.config import FinetuneConfig
 from bonsai.finetune.data import finetune_windows
 from bonsai.finetune.trainer import FinetuneRun
 from bonsai.models.loading import load_model, load_tokenizer
-from bonsai.prune.config import PruneConfig
-from bonsai.prune.runner import PruneRun
+from bonsai.methods.settings import PruneConfig
+from bonsai.methods.bonsai.runner import PruneRun
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("finetune")]  # one worker builds the pruned fixture
 

@@ -15,8 +15,9 @@ from bonsai.adapters import get_adapter
 from bonsai.engine.reconstruction import REFIT_TOKENS_PER_COLUMN
 from bonsai.eval.runner import run_perplexity
 from bonsai.models.loading import load_model
-from bonsai.prune.config import PAPER_P_ITER, PROBE_P_ITER, PROBE_P_ITER_UNREFIT, PruneConfig, build_config
-from bonsai.prune.runner import PruneRun
+from bonsai.methods.bonsai.settings import PAPER_P_ITER, PROBE_P_ITER, PROBE_P_ITER_UNREFIT
+from bonsai.methods.settings import PruneConfig, build_config
+from bonsai.methods.bonsai.runner import PruneRun
 
 pytestmark = pytest.mark.integration
 # the tests that read the tiny_runs fixture stay on one xdist worker, which builds it once
@@ -185,7 +186,7 @@ def test_non_finite_utilities_are_left_out(tmp_path, monkeypatch):
     """An fp16 overflow in some sub-models is logged and kept out of the fit, never a crash."""
     import numpy as np
 
-    from bonsai.prune import evaluate
+    from bonsai.methods.bonsai import evaluate
 
     original = evaluate.SubModelEvaluator.evaluate
 
@@ -425,7 +426,7 @@ def test_cost_model_counts_the_forward_tokens(target, refit_passes):
     projections and whole (3 x R); the residual target adds one pass over the reference stream (4 x R); a probe of
     layer i runs blocks i.. and the head, the refit and the unit errors the blocks alone."""
     from bonsai.adapters import get_adapter
-    from bonsai.prune.cost import estimate
+    from bonsai.methods.bonsai.cost import estimate
 
     cfg = PruneConfig(model="tiny", sparsity=0.3, p_iter=0.1, calib_samples=8, reconstruct_samples=16, seqlen=64,
                       batch_size=4, refit_target=target).validate()
@@ -601,7 +602,7 @@ def test_a_resumed_run_refits_on_the_window_count_it_started_with(tmp_path, monk
     """The refit windows' default has changed between versions: a resumed run keeps the count its state holds,
     and a state from before the count was stored resumes with what those versions used (--calib-samples)."""
     import bonsai.engine.reconstruction as reconstruct
-    from bonsai.prune import runner as runner_mod
+    from bonsai.methods.bonsai import runner as runner_mod
 
     class Crash(Exception):
         pass

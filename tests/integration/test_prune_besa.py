@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bonsai.baselines.runner import BaselineRun
+from bonsai.methods.one_shot import OneShotRun
 from bonsai.eval.runner import run_perplexity
-from bonsai.prune.config import PruneConfig
+from bonsai.methods.settings import PruneConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("besa")]  # one worker builds the runs fixture
 
@@ -21,7 +21,7 @@ CALIB = dict(calib="kjv", seqlen=128, calib_samples=64, batch_size=1)
 
 def prune(out, **kw):
     cfg = PruneConfig(model="tiny", sparsity=0.5, **{**CALIB, **kw}).validate()
-    return BaselineRun(cfg, out).run()
+    return OneShotRun(cfg, out).run()
 
 
 @pytest.fixture(scope="module")

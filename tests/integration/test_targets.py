@@ -8,11 +8,9 @@ import pytest
 from helpers import tiny_model
 
 from bonsai.adapters import get_adapter
-from bonsai.baselines.runner import BaselineRun
 from bonsai.errors import BonsaiError
 from bonsai.models.saving import save_pruned
-from bonsai.prune.config import PruneConfig
-from bonsai.prune.runner import PruneRun
+from bonsai.methods.settings import PruneConfig
 
 pytestmark = [pytest.mark.integration]
 
@@ -40,7 +38,7 @@ def one_kv(tmp_path_factory, tiny_tokenizer):
 
 
 def run(cfg: PruneConfig, out):
-    runner = BaselineRun(cfg, out) if cfg.method in ("flap", "llm-pruner", "wanda", "besa") else PruneRun(cfg, out)
+    runner = cfg.spec.load_runner()(cfg, out)  # the registry's run: OneShotRun or PruneRun
     return runner, runner.run()
 
 

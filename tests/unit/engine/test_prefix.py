@@ -6,7 +6,7 @@ from helpers import FAMILIES, MLP_ONLY, tiny_model
 
 from bonsai.adapters import GroupKey, get_adapter
 from bonsai.engine.prefix import first_changed_layer
-from bonsai.prune.evaluate import SubModelEvaluator, prior_pass
+from bonsai.methods.bonsai.evaluate import SubModelEvaluator, prior_pass
 
 pytestmark = pytest.mark.unit
 

@@ -47,6 +47,7 @@ def main() -> None:
     from bonsai.models.loading import load_tokenizer
     from bonsai.progress import make_progress
     from bonsai.methods.bonsai import runner as runner_module
+    from bonsai.methods.bonsai import search as search_module
     from bonsai.methods.settings import build_config
     from bonsai.methods.bonsai.cost import estimate
     from bonsai.methods.bonsai.runner import PruneRun
@@ -76,7 +77,7 @@ def main() -> None:
             return out
         return wrapper
 
-    runner_module.prior_pass = timed("prior pass (+ reference distributions)", runner_module.prior_pass)
+    search_module.prior_pass = timed("prior pass (+ reference distributions)", search_module.prior_pass)
     runner_module.unit_scores = timed("scores", runner_module.unit_scores)
     PruneRun._gram_pass = timed("unit errors (Gram, H^-1, sequential OBS)", PruneRun._gram_pass)
     PruneRun._evaluate_pending = timed("sub-models", PruneRun._evaluate_pending)

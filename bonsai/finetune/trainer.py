@@ -75,12 +75,12 @@ class FinetuneRun:
         run_file, report = self.state_dir / "run.json", self.out / "report.json"
 
         def stored() -> dict | None:
-            if run_file.exists():
-                return read_json(run_file, hint="pass --force to start over")["fingerprint"]
-            if report.exists() and read_json(report).get("kind") == "finetune":
+            if report.exists() and read_json(report).get("kind") == "finetune":  # finished (written last)
                 self.finished_report = read_json(report)
                 settings = self.finished_report.get("settings") or self.cfg.fingerprint()
                 return {k: v for k, v in settings.items() if k in self.cfg.fingerprint()}
+            if run_file.exists():
+                return read_json(run_file, hint="pass --force to start over")["fingerprint"]
             return None
 
         return open_run_folder(self.out, force, self.cfg.fingerprint(), stored, legacy=LEGACY_SETTINGS,

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from bonsai.engine.linalg import cholesky_, cholesky_inverse_
+
 if TYPE_CHECKING:
     from bonsai.engine.spill import SpilledTensor
 
@@ -32,12 +34,10 @@ def damped_inverse(gram: torch.Tensor, damp: float, scale: float | None = None) 
         h.diagonal().add_(amount)
         return h
 
-    info = torch.empty((), dtype=torch.int32, device=gram.device)
     for _ in range(8):
         h = damped(d * scale)
-        torch.linalg.cholesky_ex(h, out=(h, info))  # factor and inverse in place: one n x n matrix beside G
-        if int(info) == 0:
-            return torch.cholesky_inverse(h, out=h)
+        if cholesky_(h):  # factor and inverse in h's own memory: one n x n matrix beside G (`engine.linalg`)
+            return cholesky_inverse_(h)
         d = max(d * 10, 1e-6)
     return torch.linalg.pinv(damped(d * scale))
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bonsai.engine.linalg import cholesky_
 from bonsai.errors import BonsaiError
 
 RECONSTRUCT_MODES = ("lstsq", "bias", "none")
@@ -54,9 +55,7 @@ def _damped_cholesky(build: Callable[[], torch.Tensor], weight_dims: int, damp: 
     for _ in range(8):
         factor = build()
         factor.diagonal()[:weight_dims] += d * scale
-        info = torch.empty((), dtype=torch.int32, device=factor.device)
-        torch.linalg.cholesky_ex(factor, out=(factor, info))
-        if int(info) == 0:
+        if cholesky_(factor):  # in its own memory (`engine.linalg`)
             if d != damp and warn is not None:
                 warn(f"{where}: ill-conditioned Gram matrix, damping raised from {damp:g} to {d:g}")
             return factor, d

@@ -169,11 +169,7 @@ def remove_units(model: nn.Module, adapter: ArchAdapter, keep: dict[GroupKey, to
             del stats
         if i < last:
             inputs.hidden = block_outputs(block, inputs)
-        release_memory()  # what this block's refit freed goes back before the next block's
-        if task is not None:
-            progress.advance(task)
-        if on_block is not None:
-            on_block(i)
+        _block_done(i, progress, task, on_block)
     if task is not None:
         progress.remove_task(task)
     return report
@@ -240,11 +236,7 @@ def _refit_to_residual(model: nn.Module, adapter: ArchAdapter, todo: dict[GroupK
             inputs.hidden = outputs_of(block, inputs.hidden, kwargs, store)
         reference = ref_next
         del ref_attention, ref_mlp
-        release_memory()  # what this block's refit freed goes back before the next block's
-        if task is not None:
-            progress.advance(task)
-        if on_block is not None:
-            on_block(i)
+        _block_done(i, progress, task, on_block)
     if task is not None:
         progress.remove_task(task)
 
@@ -325,3 +317,12 @@ def _residual_statistics(block: nn.Module, lin: nn.Linear, prev: nn.Linear | Non
 def _rows_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`t` as rows of tokens on `like`'s device and in its dtype."""
     return as_rows(t.to(like.device)).to(like.dtype)
+
+
+def _block_done(i: int, progress, task, on_block: Callable[[int], None] | None) -> None:
+    """After block i's refit: what it freed goes back before the next block's, the bar moves, the hook runs."""
+    release_memory()
+    if task is not None:
+        progress.advance(task)
+    if on_block is not None:
+        on_block(i)

@@ -75,8 +75,9 @@ class FinetuneRun:
         run_file, report = self.state_dir / "run.json", self.out / "report.json"
 
         def stored() -> dict | None:
-            if report.exists() and read_json(report).get("kind") == "finetune":  # finished (written last)
-                self.finished_report = read_json(report)
+            finished = read_json(report) if report.exists() else {}
+            if finished.get("kind") == "finetune":  # finished (its report is written last)
+                self.finished_report = finished
                 settings = self.finished_report.get("settings") or self.cfg.fingerprint()
                 return {k: v for k, v in settings.items() if k in self.cfg.fingerprint()}
             if run_file.exists():

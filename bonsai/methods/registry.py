@@ -9,13 +9,10 @@ are the shared ones plus every method's, so a new method is one module.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 from bonsai.errors import BonsaiError
-
-Run = Callable[..., Any]  # run(cfg, out, force=..., ...) -> an object with .run() -> report dict
-
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -23,7 +20,7 @@ class MethodSpec:
 
     name: str
     settings: type  # its settings dataclass (shared by the variants of one method, e.g. bonsai's ablations)
-    runner: str  # "module:Class" of its run, imported when it runs (so `--help` stays light)
+    runner: str  # "module:Class" of its run (Class(cfg, out, force=...).run() -> report), imported when it runs
     summary: str  # one line for --help and the docs
     structured: bool  # removes whole units (heads, channels), so the refit applies; else zeroes weights
     searches: bool = False  # bonsai's sub-model search: iterations, sub-models, --dry-run's estimate
@@ -31,7 +28,7 @@ class MethodSpec:
     checks_units: bool = True  # --units applies (structured methods)
     step: Callable | None = None  # one-shot methods: step(run, windows, block_params, progress) -> report details
 
-    def load_runner(self) -> Run:
+    def load_runner(self) -> Callable[..., Any]:
         from importlib import import_module
 
         module, name = self.runner.split(":")
@@ -72,7 +69,3 @@ def option(default: Any, help: str, *flags: str, panel: str | None = None, facto
 def option_fields(settings: type) -> list[Field]:
     """The fields of a settings class that are command-line options (those declared with `option`)."""
     return [f for f in fields(settings) if "help" in f.metadata]
-
-
-def field_default(f: Field) -> Any:
-    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]

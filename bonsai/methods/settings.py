@@ -31,7 +31,7 @@ class RunSettings:
     model: str = option("tiny", "Model folder, Hugging Face id, or alias (see `bonsai models`; `tiny` is the shipped "
                         "model).", "--model", "-m", panel=RUN)
     sparsity: float = option(0.5, "Fraction of transformer-block parameters to remove, in (0,1).", panel=RUN)
-    method: str = option("bonsai", "", panel=RUN)  # help: the registry's names (`method_help`)
+    method: str = option("bonsai", "", panel=RUN)  # help: the registry's names (bonsai.cli.prune)
     seed: int = option(0, "Random seed (same seed, same model).", panel=RUN)
     calib: str = option("wikitext2", "Calibration data: wikitext2, c4, kjv, austen or a local file; several joined "
                         "by + are mixed (austen+kjv).", panel=CALIB)
@@ -139,10 +139,6 @@ class RunSettings:
 def method_settings() -> list[type]:
     """Every registered method's settings class, once each, in registration order."""
     return list(dict.fromkeys(spec.settings for spec in METHODS.values()))
-
-
-def method_help() -> str:
-    return " | ".join(f"{name}" for name in METHODS)
 
 
 # One flat dataclass of the shared settings and every method's: its fields are the YAML keys, report.json's

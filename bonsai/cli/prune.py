@@ -179,7 +179,14 @@ def _print_prune(report: dict, out: Path) -> None:
                   f"{t['wall_seconds']:.0f}s, peak memory {t['peak_memory_bytes'] / 2**20:.0f} MiB")
     for h in report["iterations"]:
         floor = h.get("at_floor") or []
-        if floor and h["sub_models"]:
+        search = h.get("allocation_search")
+        if search:  # the search may take a group past its floor: say where it went instead
+            beyond = search["beyond_floor"]
+            console.print(f"iteration {h['iteration']}: allocation search kept the {search['chosen']} allocation "
+                          f"({search['sub_models']} sub-models, {search['moved_share']:.0%} of the removal moved); "
+                          f"{len(beyond)} group(s) past the probes' floor" + (f": {', '.join(beyond[:8])}" if beyond
+                                                                             else "") + (" ..." if len(beyond) > 8 else ""))
+        elif floor and h["sub_models"]:
             console.print(f"iteration {h['iteration']}: {len(floor)} group(s) gave every candidate (at the floor the step "
                           f"--p-iter sets, not where their measurement would stop): {', '.join(floor[:8])}"
                           + (" ..." if len(floor) > 8 else ""))

@@ -441,6 +441,17 @@ def test_cost_model_counts_the_forward_tokens(target, refit_passes):
     assert cost.seconds == pytest.approx(cost.block_tokens * cost.seconds_per_block_token
                                          + cost.head_tokens * cost.seconds_per_head_token + cost.obs_seconds)
     assert cost.obs_seconds > 0 and set(cost.phase_bytes) == {"prior_pass", "unit_errors", "sub_models", "reconstruction"}
+    searched = PruneConfig(model="tiny", sparsity=0.3, p_iter=0.1, calib_samples=8, reconstruct_samples=16, seqlen=64,
+                           batch_size=4, refit_target=target, search=16).validate()
+    cost = estimate(searched, model, adapter, adapter.groups(), 64, 3, False)
+    V = 4 * 8 * 64  # the verification windows: four times the calibration's; up to four allocations and a reference
+    search = 17 * C + 5 * V
+    assert cost.sub_models_per_iteration == 12 + 17
+    assert cost.block_tokens == pytest.approx(expect + sum((1 - 0.3 * t / 3) * search for t in range(3)))
+    assert cost.head_tokens == pytest.approx(3 * (C + n * C + search))
+    own = PruneConfig(**{**searched.to_dict(), "search_samples": 12}).validate()  # its own windows and reference
+    cost = estimate(own, model, adapter, adapter.groups(), 64, 3, False)
+    assert cost.head_tokens == pytest.approx(3 * (C + n * C + 18 * 12 * 64 + 5 * V))
     paper = PruneConfig(model="tiny", sparsity=0.3, p_iter=0.1, calib_samples=8, seqlen=64, samples=20, selection="paper",
                         prior="wanda", compensate=False, reconstruct="none", adaptive=False).validate()
     cost = estimate(paper, model, adapter, adapter.groups(), 64, 3, False)

@@ -8,6 +8,8 @@ the chunked head of `bonsai.engine.logits`), since a large vocabulary makes the 
   unit errors                R through the blocks, plus sequential OBS (its matrix products, timed)
   sub-models                 n x C: a probe of layer i runs blocks i.. and the head (`engine.prefix`), on average
                              (L+1)/2L of the blocks, plus one pass of C to advance the kept states
+  allocation search          (N + 1) x C through the whole model (C: --search-samples' windows when set, plus a pass
+                             for their reference), and up to 5 x V (the verification windows)
   refit                      3 x R through the blocks (2 x R for a parallel block; 0 with --reconstruct none),
                              4 x R with --refit-target residual (one pass over the reference stream)
 The blocks' share shrinks as the model does (by p_iter a step); the Gram solves and the regression are left out.
@@ -31,6 +33,7 @@ from bonsai.engine.obs import OBS_BLOCK
 from bonsai.engine.reconstruction import refit_windows, widest_projection
 from bonsai.engine.spill import HOST_STATES_SHARE, states_store
 from bonsai.engine.statistics import gram_dtype
+from bonsai.methods.bonsai.allocation_search import VERIFIED
 from bonsai.methods.settings import PruneConfig
 from bonsai.runtime import current_memory, peak_memory, release_memory, reset_peak_memory
 
@@ -120,7 +123,7 @@ def _obs_seconds(adapter, groups, cfg: PruneConfig, device: torch.device, unit_p
         if adapter.unit_width(key) != 1:
             continue  # key/value groups: a few units, a few small solves
         n, out = adapter.group_size(key), adapter.output_projection(key).out_features
-        steps = min(n, int(cfg.candidate_multiple * unit_p_iter * n + 1))
+        steps = min(n, int(cfg.pool_multiple * unit_p_iter * n + 1))
         flops += 2.0 * n * n * out + 8.0 * n * n * steps
     return flops / rate
 
@@ -157,11 +160,16 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
     if cfg.selection == "probe" and n_sub:  # each probe starts at its own block
         layers = adapter.num_layers
         probe_blocks, advance = (layers + 1) / (2 * layers), C
+    # the allocation search: whole-network sub-models on C, then at most VERIFIED + 1 of them and the current model
+    # (its reference) on the verification windows
+    S = (cfg.search_samples or cfg.calib_samples) * seqlen  # with --search-samples, plus its own reference pass
+    search = (cfg.search + 1 + (1 if cfg.search_samples else 0)) * S \
+        + (VERIFIED + 2) * seqlen * (cfg.search_verify_samples or 4 * cfg.calib_samples) if cfg.search else 0
     block_tokens = head_tokens = 0.0
     for t in range(iterations):
         left = 1.0 - cfg.sparsity * t / iterations  # the share of block parameters still there
-        block_tokens += left * (C + (R if gram else 0) + n_sub * C * probe_blocks + advance + refit * R)
-        head_tokens += C + n_sub * C
+        block_tokens += left * (C + (R if gram else 0) + n_sub * C * probe_blocks + advance + refit * R + search)
+        head_tokens += C + n_sub * C + search
     obs = iterations * _obs_seconds(adapter, groups, cfg, device, unit_p_iter or cfg.p_iter) if gram else 0.0
 
     # memory each phase adds to the loaded model
@@ -178,7 +186,7 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
     columns = 0
     cache = 0
     if cfg.compensate and n_sub:  # the candidates' columns of each H^-1 and the probes' corrections
-        share = min(1.0, cfg.candidate_multiple * (unit_p_iter or cfg.p_iter))
+        share = min(1.0, cfg.pool_multiple * (unit_p_iter or cfg.p_iter))
         sizes = [adapter.output_projection(k).in_features ** 2 * share
                  * torch.finfo(gram_dtype(device, adapter.output_projection(k).in_features)).bits // 8 for k in groups]
         # host memory on an accelerator (one group's columns on the device at a time); a file past the budget on a CPU
@@ -197,7 +205,8 @@ def estimate(cfg: PruneConfig, model, adapter, groups, seqlen: int, iterations: 
         phases["sub_models"] = scored + columns + cache + reference + advance * hidden * dtype_bytes
     if refit:
         phases["reconstruction"] = scored // 2 + 3 * gram_bytes + states(6 if residual else 2)
-    return CostEstimate(iterations=iterations, sub_models_per_iteration=n_sub, block_tokens=block_tokens,
+    n_all = n_sub + (cfg.search + 1 if cfg.search else 0)
+    return CostEstimate(iterations=iterations, sub_models_per_iteration=n_all, block_tokens=block_tokens,
                         head_tokens=head_tokens, seconds_per_block_token=per_block, seconds_per_head_token=per_head,
                         obs_seconds=obs, base_bytes=base, phase_bytes={k: int(v) for k, v in phases.items()},
                         at_most=cfg.adaptive)

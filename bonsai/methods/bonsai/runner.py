@@ -27,6 +27,7 @@ from bonsai.engine import faults
 from bonsai.engine.run_folder import RunFolder, open_run_folder
 from bonsai.progress import console, make_progress
 from bonsai.methods.settings import LEGACY_SETTINGS, PruneConfig
+from bonsai.methods.bonsai.allocation_search import AllocationSearch
 from bonsai.methods.bonsai.scoring import unit_scores
 from bonsai.methods.bonsai.report import RunReport, finite_or_none, removal_summary
 from bonsai.methods.bonsai.search import SubModelSearch
@@ -63,9 +64,9 @@ def plan_budget(adapter: ArchAdapter, groups: list[GroupKey], cfg: PruneConfig) 
 
 
 
-class PruneRun(SubModelSearch, StepSelection, RunReport):
-    """One prune run: its folder and state, the iteration loop, removal and refit (the search, the steps and the
-    report are its parts in search.py, steps.py and report.py)."""
+class PruneRun(SubModelSearch, AllocationSearch, StepSelection, RunReport):
+    """One prune run: its folder and state, the iteration loop, removal and refit (the search, the allocation
+    search, the steps and the report are its parts in search.py, allocation_search.py, steps.py and report.py)."""
 
     def __init__(self, cfg: PruneConfig, out_dir: str | Path, force: bool = False, model=None, tokenizer=None,
                  dry_run: bool = False):
@@ -260,13 +261,19 @@ class PruneRun(SubModelSearch, StepSelection, RunReport):
                 adaptive = self._evaluate_adaptive(it, keys, offsets, windows, progress, cand_prior, cand_params,
                                                    need, t)
             else:
-                # the split probes (uniform allocation) evaluate with the same compensation: kept until then
-                self._evaluate_pending(it, keys, offsets, windows, progress, release=not self._probes_splits())
+                # the split probes (uniform allocation) and the allocation search evaluate with the same
+                # compensation: kept until then
+                self._evaluate_pending(it, keys, offsets, windows, progress,
+                                       release=not (self._probes_splits() or cfg.search))
         phases["sub_models"], mark = time.time() - mark, time.time()
         self._phase_end("sub_models")
         fitted = self._adaptive_fit if adaptive else None  # the last round's fit: no second regression
         scores, reg, probe = unit_scores(cfg, it, keys, offsets, cand_prior, cand_params, t, fitted)
-        if cfg.width_multiple > 1 or cfg.head_multiple > 1 or cfg.allocation == "uniform":
+        search = None
+        if cfg.search:
+            removed, search = self._search_allocation(it, keys, offsets, scores, cand_prior, need, windows, progress)
+            self._compensation = None
+        elif cfg.width_multiple > 1 or cfg.head_multiple > 1 or cfg.allocation == "uniform":
             removed = self._select_in_steps(it, keys, offsets, scores, need, windows, progress)
             self._compensation = None
         else:
@@ -291,7 +298,8 @@ class PruneRun(SubModelSearch, StepSelection, RunReport):
             "sparsity": 1 - block_now / b.block_params,
             "removed_units": int(sum(len(v) for v in removed.values())),
             # groups that gave every candidate: the candidate floor (the step), not the measurement, set their size
-            "at_floor": [str(k) for k in keys if len(removed.get(k, ())) >= len(it.candidates[str(k)])],
+            "at_floor": [str(k) for k in keys if len(removed.get(k, ())) >= min(self._floor(k),
+                                                                                len(it.candidates[str(k)]))],
             "candidates": len(cand_prior),
             "sub_models": int(it.done.sum()),
             "non_finite": n_bad,
@@ -300,6 +308,7 @@ class PruneRun(SubModelSearch, StepSelection, RunReport):
             "probe_increase": probe,
             "adaptive": adaptive,
             "uniform_splits": self._split_record,
+            "allocation_search": search,
             "reconstruction": removal_summary(removal),
             "calib_loss": it.base_loss,
             "calib_ppl": math.exp(it.base_loss) if it.base_loss < 700 else float("inf"),

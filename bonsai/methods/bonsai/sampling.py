@@ -55,20 +55,22 @@ def sample_masks(candidate_priors: list[np.ndarray], n_samples: int, rng: np.ran
     return masks
 
 
-def probe_masks(candidate_priors: list[np.ndarray], levels: int) -> np.ndarray:
+def probe_masks(candidate_priors: list[np.ndarray], levels: int, reach: list[int] | None = None) -> np.ndarray:
     """(groups x levels, total candidates) 0/1 keep-array for the probe selection: one sub-model per group and
-    depth, dropping that group's ceil(c * l / levels) lowest-prior candidates (l = 1..levels) and nothing else."""
+    depth, dropping that group's ceil(c * l / levels) lowest-prior candidates (l = 1..levels) and nothing else.
+    `reach[g]`: probe only the lowest-prior c of group g's candidates (default all; the allocation search keeps a
+    wider pool than the probes measure)."""
     total = sum(len(p) for p in candidate_priors)
     rows = []
     offset = 0
-    for p in candidate_priors:
+    for g, p in enumerate(candidate_priors):
         order = np.argsort(np.asarray(p, dtype=np.float64), kind="stable")
-        c = len(order)
+        c = len(order) if reach is None else min(len(order), reach[g])
         for depth in probe_depths(c, levels):
             row = np.ones(total, dtype=np.uint8)
             row[offset + order[:depth]] = 0
             rows.append(row)
-        offset += c
+        offset += len(order)
     return np.stack(rows) if rows else np.zeros((0, total), dtype=np.uint8)
 
 

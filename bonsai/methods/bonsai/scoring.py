@@ -53,6 +53,7 @@ def probe_unit_costs(it: IterationState, keys, offsets: np.ndarray, cand_error: 
     (d_{j-1}, d_j] get (dL(d_j) - dL(d_{j-1})) / (E(d_j) - E(d_{j-1})): a piecewise-linear cost curve per group."""
     increase = -it.utility - (it.base_loss if base else 0.0)  # per probe sub-model (KL utility: 0 for the model itself)
     beta = np.full(len(cand_error), np.nan)
+    probed = np.zeros(len(cand_error), bool)  # priced by a measured segment (not the deepest probe's extrapolation)
     record = {}
     for j, key in enumerate(keys):
         lo, hi = offsets[j], offsets[j + 1]
@@ -61,13 +62,16 @@ def probe_unit_costs(it: IterationState, keys, offsets: np.ndarray, cand_error: 
         order = np.argsort(it.prior[str(key)][it.candidates[str(key)]], kind="stable")
         err = cand_error[lo:hi]
         prev_d, prev_loss, prev_e = 0, 0.0, 0.0
+        slope = np.nan
         for d, loss in sorted(zip(depth.tolist(), increase[rows].tolist(), strict=True)):
             e_sum = float(err[order[:d]].sum())
             slope = np.inf if not np.isfinite(loss) else (loss - prev_loss) / max(e_sum - prev_e, 1e-30)
             beta[lo + order[prev_d:d]] = slope
+            probed[lo + order[prev_d:d]] = True
             prev_d, prev_loss, prev_e = d, loss, e_sum
+        beta[lo + order[prev_d:]] = slope  # beyond the deepest probe (the allocation search's wider pool): its slope
         record[str(key)] = float(prev_loss)
-    positive = beta[np.isfinite(beta) & (beta > 0)]
+    positive = beta[probed & np.isfinite(beta) & (beta > 0)]
     floor = 1e-3 * float(np.median(positive)) if len(positive) else 1.0
-    beta = np.where(np.isnan(beta), floor, beta)  # units beyond every probed depth (cannot happen) and
+    beta = np.where(np.isnan(beta), floor, beta)  # units of a group never probed (cannot happen) and
     return np.maximum(beta, floor), record      # measured gains from removal: the smallest cost

@@ -47,7 +47,7 @@ class SubModelSearch:
 
         def candidate_columns(key: GroupKey, errors: torch.Tensor) -> torch.Tensor:
             score = errors.numpy() if cfg.prior in NEEDS_GRAM else priors[key]
-            cand = torch.from_numpy(candidate_units(score, self.budget.unit_p_iter, cfg.candidate_multiple))
+            cand = torch.from_numpy(candidate_units(score, self.budget.unit_p_iter, cfg.pool_multiple))
             width = self.adapter.unit_width(key)
             return (cand[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
 
@@ -55,7 +55,7 @@ class SubModelSearch:
             if not cfg.sequential_obs:
                 return 0
             n = self.adapter.group_size(key)
-            return len(candidate_units(np.zeros(n), self.budget.unit_p_iter, cfg.candidate_multiple))
+            return len(candidate_units(np.zeros(n), self.budget.unit_p_iter, cfg.pool_multiple))
 
         stats, compensation = group_statistics(self.model, self.adapter, self.groups, windows, cfg.batch_size,
                                                damp=cfg.reconstruct_damp, keep_inverse=cfg.compensate,
@@ -77,13 +77,15 @@ class SubModelSearch:
             self._phase_end("unit_errors")
             if cfg.prior in NEEDS_GRAM:
                 priors = dict(errors)
-        candidates = {str(k): candidate_units(priors[k], self.budget.unit_p_iter, cfg.candidate_multiple)
+        candidates = {str(k): candidate_units(priors[k], self.budget.unit_p_iter, cfg.pool_multiple)
                       for k in self.groups}
         cand_priors = [priors[k][candidates[str(k)]] for k in self.groups if len(candidates[str(k)])]
         total = sum(len(c) for c in cand_priors)
         n = cfg.samples if self._evaluates() else 0
         if n and cfg.selection == "probe":
-            masks = probe_masks(cand_priors, levels=cfg.probe_depths)
+            # the probes measure each group's floor; the allocation search's pool beyond it is priced by their slope
+            reach = [self._floor(k) for k in self.groups if len(candidates[str(k)])]
+            masks = probe_masks(cand_priors, levels=cfg.probe_depths, reach=reach)
             n = len(masks)
         else:
             masks = sample_masks(cand_priors, n, iteration_rng(cfg.seed, t, 1)) if n else np.zeros((0, total), np.uint8)
@@ -190,9 +192,10 @@ class SubModelSearch:
             self._compensation = None
 
     def _evaluator(self, it: IterationState, keys, windows: torch.Tensor, full_masks: dict[GroupKey, torch.Tensor],
-                   prior: str | None = None) -> SubModelEvaluator:
+                   prior: str | None = None, reference=None) -> SubModelEvaluator:
         """An evaluator of sub-models given as full per-group masks, compensated as the probes are; what a resumed
-        run lost (the Gram pass, the reference distributions) is recomputed the same way."""
+        run lost (the Gram pass, the reference distributions) is recomputed the same way. `reference`: the
+        current model's distributions on other `windows` than the iteration's (the KL utility)."""
         cfg = self.cfg
         compensation = None
         if cfg.compensate:
@@ -201,13 +204,13 @@ class SubModelSearch:
                                                         {GroupKey.parse(k): v for k, v in it.prior.items()})
             # every replica compensates with the main process's matrices (other thread counts round differently)
             compensation = self._compensation = self.dist.broadcast(self._compensation)
-        if cfg.utility == "kl" and self._reference is None:  # resumed mid-iteration: the same forward again
+        if cfg.utility == "kl" and self._reference is None and reference is None:  # resumed mid-iteration
             *_, self._reference = prior_pass(self.model, self.adapter, [], windows, "uniform", cfg.batch_size,
                                              reference=True)
         return SubModelEvaluator(self.model, self.adapter, keys, windows, full_masks, cfg.batch_size, prior=prior,
                                  compensation=compensation,
                                  candidates={k: torch.from_numpy(it.candidates[str(k)]) for k in keys},
-                                 reference=self._reference if cfg.utility == "kl" else None)
+                                 reference=(self._reference if reference is None else reference) if cfg.utility == "kl" else None)
 
     @staticmethod
     def _record(it: IterationState, keys, chunk: list[int], utility: np.ndarray, sample_prior) -> None:

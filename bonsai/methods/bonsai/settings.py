@@ -22,6 +22,7 @@ SELECTIONS = ("probe", "paper")
 UTILITIES = ("kl", "loss")
 PANEL = "Bonsai selection (default)"
 PAPER_PANEL = "Paper selection (--selection paper) and ablations"
+SEARCH_PANEL = "Allocation search (bonsai, --search N)"
 RUNNER = "bonsai.methods.bonsai.runner:PruneRun"
 VARIANTS = {  # name -> summary; every variant runs the same search with these settings
     "bonsai": "sub-models measured by forward passes, units removed globally (the default)",
@@ -84,6 +85,23 @@ class BonsaiSettings:
                                "as sub-models and keep the best (default 3; 1: the scores alone decide).",
                                panel="Serving shapes and units")
 
+    # the allocation search (issue 41): whole-network sub-models over per-group removal counts, around the probes'
+    # allocation (bonsai.methods.bonsai.allocation); off by default until measured better (docs/quality.md)
+    search: int = option(0, "Allocation search: evaluate N whole-network sub-models that move each layer group's "
+                         "share of the removal around the probes' allocation, regress their utility on the shares, "
+                         "keep the best verified on fresh windows (default 0: off; 32 is a sensible size).",
+                         panel=SEARCH_PANEL)
+    search_pool: float | None = option(None, "--search: the largest share of a group one iteration may remove, as "
+                                       "a multiple of p_iter (default 3, at most 1/p_iter; the probes' own floor is "
+                                       "--candidate-multiple).",
+                                panel=SEARCH_PANEL)
+    search_scale: float = option(0.05, "--search: the spread of the sampled moves, as a share of each group's pool "
+                                 "(default 0.05).", panel=SEARCH_PANEL)
+    search_samples: int | None = option(None, "--search: calibration windows each whole-network sub-model is scored "
+                                        "on (default: the probes' --calib-samples windows).", panel=SEARCH_PANEL)
+    search_verify_samples: int | None = option(None, "--search: fresh calibration windows the best allocations are "
+                                               "verified on (default 4 x --calib-samples).", panel=SEARCH_PANEL)
+
     def settle(self) -> None:
         """Defaults that depend on other settings, resolved when the settings are made, so that the fingerprint
         and the report hold what the run did."""
@@ -137,8 +155,39 @@ class BonsaiSettings:
         if self.sequential_obs and (self.prior != "obs" or self.reconstruct != "lstsq" or not self.spec.searches):
             raise BonsaiError("--sequential-obs orders units by their compensated errors: it needs --prior obs and "
                               "--reconstruct lstsq with a bonsai method")
+        self._check_search()
         if self.cv_folds < 2:
             raise BonsaiError(f"cv_folds must be at least 2 (got {self.cv_folds})")
+
+    def _check_search(self) -> None:
+        if self.search < 0:
+            raise BonsaiError(f"--search must be 0 (off) or a number of sub-models (got {self.search})")
+        if not self.search:
+            return
+        if self.search_pool is None:
+            self.search_pool = max(self.candidate_multiple, min(3.0, 1 / self.p_iter))
+        if self.search < 8:
+            raise BonsaiError(f"--search needs at least 8 sub-models (got {self.search})")
+        if self.method != "bonsai" or self.selection != "probe":
+            raise BonsaiError("--search moves the probes' allocation: use it with --method bonsai and the probe "
+                              "selection")
+        if self.allocation != "global" or self.width_multiple > 1 or self.head_multiple > 1:
+            raise BonsaiError("--search chooses per-layer sizes: use it with --allocation global and without "
+                              "--width-multiple / --head-multiple")
+        if not self.candidate_multiple <= self.search_pool <= 1 / self.p_iter + 1e-9:
+            raise BonsaiError(f"--search-pool must be in [--candidate-multiple = {self.candidate_multiple:g}, "
+                              f"1/p_iter = {1 / self.p_iter:g}] (got {self.search_pool})")
+        if not 0 < self.search_scale <= 1:
+            raise BonsaiError(f"--search-scale must be in (0, 1] (got {self.search_scale})")
+        if self.search_samples is not None and self.search_samples < 1:
+            raise BonsaiError(f"--search-samples must be at least 1 (got {self.search_samples})")
+        if self.search_verify_samples is not None and self.search_verify_samples < 1:
+            raise BonsaiError(f"--search-verify-samples must be at least 1 (got {self.search_verify_samples})")
+
+    @property
+    def pool_multiple(self) -> float:
+        """Candidates per group and iteration, as a multiple of p_iter: the search's wider pool when it runs."""
+        return max(self.candidate_multiple, self.search_pool) if self.search else self.candidate_multiple
 
     @property
     def evaluates(self) -> bool:

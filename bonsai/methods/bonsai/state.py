@@ -53,6 +53,9 @@ class IterationState:
     unit_error: dict[str, np.ndarray] = field(default_factory=dict)  # compensated errors (sensitivity selection)
     #: adaptive sampling, one row per finished round: sub-models, CV tau, share of the decision changed, stopped
     rounds: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    #: the allocation search, one row per evaluated allocation: window set (0 the sub-models', 1 the verification's),
+    #: utility, then the removal count of every group with candidates
+    search: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         t = {
@@ -64,6 +67,7 @@ class IterationState:
             "base_loss": torch.tensor([self.base_loss], dtype=torch.float64),
             "iteration": torch.tensor([self.iteration], dtype=torch.int64),
             "rounds": torch.from_numpy(np.asarray(self.rounds, dtype=np.float64).reshape(-1, 4)),
+            "search": torch.from_numpy(np.ascontiguousarray(self.search, dtype=np.float64)),
         }
         for k, v in self.prior.items():
             t[f"prior/{k}"] = torch.from_numpy(np.asarray(v, dtype=np.float64))
@@ -83,6 +87,7 @@ class IterationState:
             base_loss=float(t["base_loss"][0]), nr_sum=t["nr_sum"].numpy(), nr_count=t["nr_count"].numpy(),
             unit_error={k[4:]: v.numpy() for k, v in t.items() if k.startswith("err/")},
             rounds=t["rounds"].numpy() if "rounds" in t else np.zeros((0, 4)),
+            search=t["search"].numpy() if "search" in t else np.zeros((0, 2)),
         )
 
 

@@ -33,6 +33,39 @@ def test_probe_sensitivities_are_the_slopes_of_each_groups_cost_curve():
     assert record == pytest.approx({"0.mlp": 0.5, "1.mlp": 0.06})
 
 
+def test_a_wider_pool_prices_the_probed_units_as_the_floor_alone_does():
+    """The allocation search keeps candidates past the probes' depth: the probed units' costs (and the floor under
+    measured gains) are those of a run whose pool is the probed units alone; the rest get the deepest slope."""
+    keys = [GroupKey(0, "mlp"), GroupKey(1, "mlp")]
+    rng = np.random.default_rng(0)
+    prior = {"0.mlp": rng.random(8), "1.mlp": rng.random(6)}
+    narrow = {k: np.sort(np.argsort(v)[:4]) for k, v in prior.items()}  # the lowest-prior four: the floor
+    wide = {k: np.sort(np.argsort(v)[:c]) for (k, v), c in zip(prior.items(), (7, 5), strict=True)}
+    err = {k: rng.random(len(v)) + 0.1 for k, v in prior.items()}  # per unit of the group
+    # two depths a group (2 and 4 units); group 1's probes measured gains: its units sit at the floor, which the
+    # extrapolated units must not move (the median of the measured costs sets it)
+    increase = np.array([0.1, 0.5, -0.01, -0.02])
+
+    def costs(cands, reach):
+        pri = [prior[str(k)][cands[str(k)]] for k in keys]
+        masks = probe_masks(pri, levels=2, reach=reach)
+        it = IterationState(0, prior, cands, masks, -increase, np.ones(4, bool), 0.0, np.zeros(1), np.zeros(1))
+        offsets = np.cumsum([0] + [len(cands[str(k)]) for k in keys])
+        beta, _ = probe_unit_costs(it, keys, offsets, np.concatenate([err[str(k)][cands[str(k)]] for k in keys]),
+                                   base=False)
+        return {str(k): dict(zip(cands[str(k)].tolist(), beta[offsets[j]:offsets[j + 1]], strict=True))
+                for j, k in enumerate(keys)}
+
+    alone, widened = costs(narrow, None), costs(wide, [4, 4])
+    for k in alone:
+        for unit, cost in alone[k].items():
+            assert widened[k][unit] == pytest.approx(cost, rel=1e-12)
+        extra = set(wide[k]) - set(narrow[k])
+        order = np.argsort(prior[k][narrow[k]], kind="stable")
+        deepest = alone[k][int(narrow[k][order[-1]])]  # the cost of the last unit the deepest probe dropped
+        assert all(widened[k][u] == pytest.approx(deepest) for u in extra)
+
+
 def test_kl_utility_is_zero_for_the_model_itself_and_matches_a_hand_computation():
     model = tiny_model("llama")
     with torch.no_grad():  # sharper next-token distributions: a KL well above float32's rounding (3e-5 -> 2e-3)

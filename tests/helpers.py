@@ -131,3 +131,25 @@ def gguf_logits(path, tokens: list[int], n_ctx: int = 2048):
 
     with GGUFModel(path, n_ctx=n_ctx) as model:
         return model.logits(tokens)
+
+
+def crash_resume_and_straight(args: list[str], out, abort: str) -> tuple[list[dict], list[dict]]:
+    """`bonsai prune ARGS` killed after `abort` sub-model evaluations and rerun, and the same command uninterrupted:
+    asserts the two saved models are bit-identical and returns both reports' iterations (resumed, straight)."""
+    import json
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    out = Path(out)
+    crashed = subprocess.run(args + ["--out", str(out / "resumed")], capture_output=True, text=True, timeout=600,
+                             env=dict(os.environ, BONSAI_ABORT_AFTER_EVALS=abort))
+    assert crashed.returncode == 75, crashed.stderr
+    resumed = subprocess.run(args + ["--out", str(out / "resumed")], capture_output=True, text=True, timeout=600)
+    straight = subprocess.run(args + ["--out", str(out / "straight")], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and straight.returncode == 0, resumed.stderr + straight.stderr
+    a = load_file(out / "resumed" / "model.safetensors")
+    b = load_file(out / "straight" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return tuple(json.loads((out / d / "report.json").read_text())["iterations"] for d in ("resumed", "straight"))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_within_one_unit
+from helpers import assert_within_one_unit, crash_resume_and_straight
 from safetensors.torch import load_file
 
 from bonsai.adapters import get_adapter
@@ -470,17 +470,7 @@ def test_adaptive_resume_takes_the_same_path(tmp_path):
     args = [sys.executable, "-m", "bonsai", "prune", "--model", "tiny", "--sparsity", "0.2", "--p-iter", "0.1",
             "--calib", "kjv", "--seqlen", "32", "--calib-samples", "4", "--batch-size", "8", "--checkpoint-every", "2",
             *ADAPTIVE]
-    crashed = subprocess.run(args + ["--out", str(tmp_path / "resumed")], capture_output=True, text=True, timeout=600,
-                             env=dict(os.environ, BONSAI_ABORT_AFTER_EVALS="14"))
-    assert crashed.returncode == 75, crashed.stderr
-    resumed = subprocess.run(args + ["--out", str(tmp_path / "resumed")], capture_output=True, text=True, timeout=600)
-    straight = subprocess.run(args + ["--out", str(tmp_path / "straight")], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0 and straight.returncode == 0, resumed.stderr + straight.stderr
-    a = load_file(tmp_path / "resumed" / "model.safetensors")
-    b = load_file(tmp_path / "straight" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ra = json.loads((tmp_path / "resumed" / "report.json").read_text())["iterations"]
-    rb = json.loads((tmp_path / "straight" / "report.json").read_text())["iterations"]
+    ra, rb = crash_resume_and_straight(args, tmp_path, "14")
     assert [h["adaptive"] for h in ra] == [h["adaptive"] for h in rb]
     for h in rb:  # the record: rounds of 4 up to where it stopped, and the sub-models it used
         curve = h["adaptive"]["curve"]

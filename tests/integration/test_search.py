@@ -1,14 +1,9 @@
 """`bonsai prune --search N` (the allocation search) end to end on the shipped tiny model."""
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
-import torch
-from helpers import assert_within_one_unit
-from safetensors.torch import load_file
+from helpers import assert_within_one_unit, crash_resume_and_straight
 
 from bonsai.errors import BonsaiError
 from bonsai.methods.bonsai.runner import PruneRun
@@ -73,16 +68,6 @@ def test_search_resume_equals_uninterrupted(tmp_path):
             "--calib", "kjv", "--seqlen", "32", "--calib-samples", "4", "--batch-size", "8", "--search", "12",
             "--search-verify-samples", "4"]
     # 10 probes (5 layers x 2 kinds), then 7 allocations (the probes' and three pairs): dies after those 17
-    crashed = subprocess.run(args + ["--out", str(tmp_path / "resumed")], capture_output=True, text=True, timeout=600,
-                             env=dict(os.environ, BONSAI_ABORT_AFTER_EVALS="17"))
-    assert crashed.returncode == 75, crashed.stderr
-    resumed = subprocess.run(args + ["--out", str(tmp_path / "resumed")], capture_output=True, text=True, timeout=600)
-    straight = subprocess.run(args + ["--out", str(tmp_path / "straight")], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0 and straight.returncode == 0, resumed.stderr + straight.stderr
-    a = load_file(tmp_path / "resumed" / "model.safetensors")
-    b = load_file(tmp_path / "straight" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ra, rb = (json.loads((tmp_path / d / "report.json").read_text())["iterations"][0]["allocation_search"]
-              for d in ("resumed", "straight"))
+    ra, rb = (iters[0]["allocation_search"] for iters in crash_resume_and_straight(args, tmp_path, "17"))
     for key in ("chosen", "probes_removed", "chosen_removed", "probes_kl", "chosen_verified_kl"):
         assert ra[key] == rb[key], key
